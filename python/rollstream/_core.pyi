@@ -1,0 +1,26 @@
+"""Type stubs of the compiled extension ``rollstream._core`` (Rust).
+
+These are low-level entry points; the public API wraps them in
+:mod:`rollstream.streams` and friends.
+"""
+
+from typing import Any, final
+
+__version__: str
+
+@final
+class StreamDecoder:
+    """Incremental decoder of one vLLM SSE response body."""
+
+    def __init__(self) -> None: ...
+    def feed(self, data: bytes) -> None: ...
+    def finish(self) -> dict[str, Any]: ...
+    def partial(self) -> dict[str, Any]: ...
+    @property
+    def events(self) -> int: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def done(self) -> bool: ...
+
+def decode_stream(body: bytes) -> dict[str, Any]: ...

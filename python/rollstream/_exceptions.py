@@ -1,0 +1,96 @@
+"""The exception hierarchy of rollstream: everything raised on purpose derives
+from :class:`RollstreamError`.
+
+Errors caused by a bad argument also derive from the matching builtin
+(``ValueError``/``TypeError``) so existing ``except ValueError`` code keeps
+working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "EngineError",
+    "EngineStartError",
+    "RollstreamError",
+    "StreamError",
+    "StreamProtocolError",
+    "StreamServerError",
+    "StreamTruncatedError",
+]
+
+
+class RollstreamError(Exception):
+    """Base class of every exception rollstream raises on purpose."""
+
+
+class StreamError(RollstreamError):
+    """A response stream could not be decoded.
+
+    ``offset`` is the absolute byte offset in the body the problem refers to,
+    ``excerpt`` a few bytes around it (decoded leniently, for the message).
+    """
+
+    def __init__(self, message: str, offset: int = 0, excerpt: str = "") -> None:
+        self.message = message
+        self.offset = offset
+        self.excerpt = excerpt
+        text = f"{message} (at byte {offset})"
+        if excerpt:
+            text += f" near {excerpt!r}"
+        super().__init__(text)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.offset, self.excerpt))
+
+
+class StreamTruncatedError(StreamError):
+    """The body ended inside an event or before ``data: [DONE]``: the
+    connection was cut, so the result is incomplete. Safe to retry."""
+
+
+class StreamProtocolError(StreamError):
+    """The body is not a valid vLLM stream (malformed JSON, wrong field types,
+    invalid UTF-8, inconsistent lengths, events after ``[DONE]``)."""
+
+
+class StreamServerError(StreamError):
+    """The server reported an error inside the stream (HTTP status stays 200).
+
+    ``error_type`` and ``code`` are the server's; ``result`` holds what was
+    decoded before the error (partial tokens), when available.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        offset: int = 0,
+        excerpt: str = "",
+        *,
+        error_type: str | None = None,
+        code: str | None = None,
+        result: Any = None,
+    ) -> None:
+        super().__init__(message, offset, excerpt)
+        self.error_type = error_type
+        self.code = code
+        self.result = result
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_server_error, (self.message, self.offset, self.excerpt, self.error_type, self.code))
+
+
+def _rebuild_server_error(
+    message: str, offset: int, excerpt: str, error_type: str | None, code: str | None
+) -> StreamServerError:
+    return StreamServerError(message, offset, excerpt, error_type=error_type, code=code)
+
+
+class EngineError(RollstreamError):
+    """A local inference engine could not be installed, started or reached."""
+
+
+class EngineStartError(EngineError):
+    """The engine process exited or did not become healthy in time. The message
+    includes the tail of the server log."""

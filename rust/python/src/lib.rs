@@ -1,0 +1,15 @@
+//! `rollstream._core`: PyO3 glue over `rollstream-core`. Only type conversion
+//! and GIL handling live here; behaviour lives in the core crate.
+
+use pyo3::prelude::*;
+
+mod errors;
+mod streams;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", rollstream_core::version())?;
+    m.add_class::<streams::PyStreamDecoder>()?;
+    m.add_function(wrap_pyfunction!(streams::decode_stream, m)?)?;
+    Ok(())
+}
