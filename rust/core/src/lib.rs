@@ -2,8 +2,10 @@
 //!
 //! - [`sse`]: incremental WHATWG Server-Sent-Events framing.
 //! - [`vllm`]: vLLM stream decoding straight into columnar buffers.
+//! - [`json`]: the strict, allocation-free JSON reader behind [`vllm`].
 //! - [`npy`]: the `.npy` payloads vLLM uses for routed experts.
 
+pub mod json;
 pub mod npy;
 pub mod sse;
 pub mod vllm;

@@ -15,9 +15,8 @@ use std::borrow::Cow;
 use std::fmt;
 
 use base64::Engine as _;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
 
+use crate::json::{self, JsonError, Reader};
 use crate::npy::{parse_npy, NpyArray};
 use crate::sse::{SseEnd, SseEvent, SseParser};
 
@@ -87,6 +86,20 @@ impl StringTable {
         }
         self.bytes.extend_from_slice(s.as_bytes());
         self.offsets.push(self.bytes.len() as i64);
+    }
+
+    /// Append strings `from..to` of `other` (one copy of their bytes).
+    fn extend_from(&mut self, other: &StringTable, from: usize, to: usize) {
+        if from >= to {
+            return;
+        }
+        if self.offsets.is_empty() {
+            self.offsets.push(0);
+        }
+        let (a, b) = (other.offsets[from] as usize, other.offsets[to] as usize);
+        let shift = self.bytes.len() as i64 - other.offsets[from];
+        self.bytes.extend_from_slice(&other.bytes[a..b]);
+        self.offsets.extend(other.offsets[from + 1..=to].iter().map(|&o| o + shift));
     }
 
     pub fn len(&self) -> usize {
@@ -187,298 +200,535 @@ pub struct StreamOutput {
 }
 
 // ---------------------------------------------------------------------------
-// Wire structs (borrowed from the event data where possible).
+// Event parsing. One event is parsed completely into reusable scratch buffers
+// (a choice's `index` may come after its data), then applied. In steady state
+// this allocates nothing per event.
 
-/// A JSON string, borrowed when it has no escapes.
-#[derive(Debug)]
-struct Str<'a>(Cow<'a, str>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Str<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Str(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Str(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-                Ok(Str(Cow::Owned(v)))
-            }
-        }
-        d.deserialize_str(V(std::marker::PhantomData))
-    }
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum LpKind {
+    #[default]
+    None,
+    /// Completions: `token_logprobs` + `top_logprobs` (string-keyed maps).
+    Legacy,
+    /// Chat and generate: `content: [{token|token_id, logprob, rank, top_logprobs}]`.
+    Content,
 }
 
-/// A JSON number or null (vLLM's NaN), as f64.
-#[derive(Debug, Clone, Copy)]
-struct Lp(f64);
-
-impl<'de> Deserialize<'de> for Lp {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Option::<f64>::deserialize(d).map(|v| Lp(v.unwrap_or(f64::NAN)))
-    }
-}
-
-/// `{token: logprob, ...}` in wire order (completions `top_logprobs`).
+/// Logprobs of one choice in one event.
 #[derive(Debug, Default)]
-struct PairList<'a>(Vec<(Str<'a>, Lp)>);
+struct LpDelta {
+    kind: LpKind,
+    lps: Vec<f64>,
+    /// Per entry: the sampled token's id when the entry names it
+    /// (`token_id`, or a `token_id:N` string), else -1.
+    entry_ids: Vec<i64>,
+    ranks: Vec<i64>,
+    has_ranks: bool,
+    has_top: bool,
+    /// Candidate count per entry (0 for a `null` row).
+    top_rows: Vec<u32>,
+    top_ids: Vec<i64>,
+    top_strs: StringTable,
+    top_lps: Vec<f64>,
+}
 
-impl<'de: 'a, 'a> Deserialize<'de> for PairList<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = PairList<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object of token -> logprob")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::with_capacity(m.size_hint().unwrap_or(8));
-                while let Some(k) = m.next_key::<Str<'a>>()? {
-                    out.push((k, m.next_value::<Lp>()?));
+impl LpDelta {
+    fn clear(&mut self) {
+        self.kind = LpKind::None;
+        self.lps.clear();
+        self.entry_ids.clear();
+        self.ranks.clear();
+        self.has_ranks = false;
+        self.has_top = false;
+        self.top_rows.clear();
+        self.top_ids.clear();
+        self.top_strs.bytes.clear();
+        self.top_strs.offsets.clear();
+        self.top_lps.clear();
+    }
+
+    fn push_candidate(&mut self, token: Option<&str>, id: Option<u32>, lp: f64) {
+        let id = id.map(i64::from).or_else(|| token.and_then(token_id_string));
+        self.top_ids.push(id.unwrap_or(-1));
+        self.top_strs.push(token.unwrap_or(""));
+        self.top_lps.push(lp);
+    }
+}
+
+/// Fields of one choice in one event.
+#[derive(Debug, Default)]
+struct ChoiceDelta {
+    index: Option<u32>,
+    has_text: bool,
+    text: String,
+    has_reasoning: bool,
+    reasoning: String,
+    finish_reason: Option<String>,
+    stop_reason: Option<StopReason>,
+    has_prompt: bool,
+    prompt: Vec<u32>,
+    has_ids: bool,
+    ids: Vec<u32>,
+    lp: LpDelta,
+    routed_experts: Option<String>,
+    has_mask: bool,
+    mask_ids: Vec<i32>,
+    mask_lens: Vec<i64>,
+    weight_versions: Option<Vec<WeightVersionSpan>>,
+}
+
+impl ChoiceDelta {
+    fn clear(&mut self) {
+        self.index = None;
+        self.has_text = false;
+        self.text.clear();
+        self.has_reasoning = false;
+        self.reasoning.clear();
+        self.finish_reason = None;
+        self.stop_reason = None;
+        self.has_prompt = false;
+        self.prompt.clear();
+        self.has_ids = false;
+        self.ids.clear();
+        self.lp.clear();
+        self.routed_experts = None;
+        self.has_mask = false;
+        self.mask_ids.clear();
+        self.mask_lens.clear();
+        self.weight_versions = None;
+    }
+}
+
+/// Chunk-level fields of one event (borrowed from the event data).
+#[derive(Debug, Default)]
+struct ChunkFields<'a> {
+    id: Option<Cow<'a, str>>,
+    model: Option<Cow<'a, str>>,
+    usage: Option<Usage>,
+    metrics: Option<Vec<(String, f64)>>,
+    error: Option<ServerError>,
+    /// Chat puts `prompt_token_ids` on the chunk, not on the choice.
+    has_prompt: bool,
+    n_choices: usize,
+}
+
+/// Reusable buffers for parsing events.
+#[derive(Debug, Default)]
+struct Scratch {
+    choices: Vec<ChoiceDelta>,
+    prompt: Vec<u32>,
+    /// The last event's bytes up to the value of `choices`, when everything
+    /// before it was inert (see [`parse_chunk`]).
+    prefix: Vec<u8>,
+}
+
+fn u32_array(r: &mut Reader<'_>, out: &mut Vec<u32>) -> json::Result<()> {
+    r.array(|r| r.u32().map(|v| out.push(v)))
+}
+
+fn opt_string(r: &mut Reader<'_>) -> json::Result<Option<String>> {
+    if r.null()? {
+        Ok(None)
+    } else {
+        r.string().map(|s| Some(s.into_owned()))
+    }
+}
+
+/// Append a string value unless it is null; returns whether one was present.
+fn append_string(r: &mut Reader<'_>, out: &mut String) -> json::Result<bool> {
+    if r.null()? {
+        return Ok(false);
+    }
+    out.push_str(&r.string()?);
+    Ok(true)
+}
+
+fn parse_candidate(r: &mut Reader<'_>, lp: &mut LpDelta) -> json::Result<()> {
+    let mut token: Option<Cow<'_, str>> = None;
+    let mut id = None;
+    let mut value = f64::NAN;
+    r.object(|r, k| {
+        match k {
+            b"token" => token = if r.null()? { None } else { Some(r.string()?) },
+            b"token_id" => id = if r.null()? { None } else { Some(r.u32()?) },
+            b"logprob" => value = r.f64_or_null()?,
+            _ => r.skip()?,
+        }
+        Ok(())
+    })?;
+    lp.push_candidate(token.as_deref(), id, value);
+    Ok(())
+}
+
+fn parse_content_entry(r: &mut Reader<'_>, lp: &mut LpDelta) -> json::Result<()> {
+    let mut token: Option<Cow<'_, str>> = None;
+    let mut id = None;
+    let mut value = f64::NAN;
+    let mut rank = None;
+    let before = lp.top_lps.len();
+    let mut has_top = false;
+    r.object(|r, k| {
+        match k {
+            b"token" => token = if r.null()? { None } else { Some(r.string()?) },
+            b"token_id" => id = if r.null()? { None } else { Some(r.u32()?) },
+            b"logprob" => value = r.f64_or_null()?,
+            b"rank" => rank = if r.null()? { None } else { Some(r.i64()?) },
+            b"top_logprobs" => {
+                // A repeated key replaces the earlier value, as in json.loads.
+                truncate_candidates(lp, before);
+                has_top = !r.null()?;
+                if has_top {
+                    r.array(|r| parse_candidate(r, lp))?;
                 }
-                Ok(PairList(out))
             }
+            _ => r.skip()?,
         }
-        d.deserialize_map(V(std::marker::PhantomData))
+        Ok(())
+    })?;
+    let entry_id = id.map(i64::from).or_else(|| token.as_deref().and_then(token_id_string));
+    lp.entry_ids.push(entry_id.unwrap_or(-1));
+    lp.lps.push(value);
+    lp.has_ranks |= rank.is_some();
+    lp.ranks.push(rank.unwrap_or(-1));
+    lp.has_top |= has_top;
+    lp.top_rows.push((lp.top_lps.len() - before) as u32);
+    Ok(())
+}
+
+fn truncate_candidates(lp: &mut LpDelta, n: usize) {
+    lp.top_ids.truncate(n);
+    lp.top_lps.truncate(n);
+    if lp.top_strs.offsets.len() > n + 1 {
+        lp.top_strs.offsets.truncate(n + 1);
+        let end = lp.top_strs.offsets.last().map_or(0, |&e| e as usize);
+        lp.top_strs.bytes.truncate(end);
     }
 }
 
-/// Numeric members of an object, in order; other members are skipped
-/// (`metrics.speculative_decoding` is an object or null).
-#[derive(Debug, Default)]
-struct NumericMap(Vec<(String, f64)>);
-
-impl<'de> Deserialize<'de> for NumericMap {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = NumericMap;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::new();
-                while let Some(k) = m.next_key::<Str<'de>>()? {
-                    let v: serde_json::Value = m.next_value()?;
-                    if let Some(x) = v.as_f64() {
-                        out.push((k.0.into_owned(), x));
-                    }
+fn parse_logprobs(r: &mut Reader<'_>, lp: &mut LpDelta) -> json::Result<()> {
+    lp.clear();
+    if r.null()? {
+        return Ok(());
+    }
+    let mut has_token_lps = false;
+    let mut has_content = false;
+    r.object(|r, k| {
+        match k {
+            b"token_logprobs" => {
+                lp.lps.clear();
+                has_token_lps = !r.null()?;
+                if has_token_lps {
+                    r.array(|r| r.f64_or_null().map(|v| lp.lps.push(v)))?;
                 }
-                Ok(NumericMap(out))
             }
-        }
-        d.deserialize_map(V)
-    }
-}
-
-/// Sampling masks: one list of kept ids per generated token, appended to a CSR.
-#[derive(Debug, Default)]
-struct MaskRows {
-    ids: Vec<i32>,
-    lens: Vec<i64>,
-}
-
-impl<'de> Deserialize<'de> for MaskRows {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Row<'r>(&'r mut Vec<i32>);
-        impl<'de> de::DeserializeSeed<'de> for Row<'_> {
-            type Value = i64;
-            fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<i64, D::Error> {
-                struct RV<'r>(&'r mut Vec<i32>);
-                impl<'de> Visitor<'de> for RV<'_> {
-                    type Value = i64;
-                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                        f.write_str("a list of token ids")
-                    }
-                    fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<i64, A::Error> {
-                        let mut n = 0i64;
-                        while let Some(id) = s.next_element::<u32>()? {
-                            let id = i32::try_from(id)
-                                .map_err(|_| de::Error::custom(format!("mask token id {id} out of range")))?;
-                            self.0.push(id);
-                            n += 1;
+            b"top_logprobs" => {
+                lp.top_rows.clear();
+                truncate_candidates(lp, 0);
+                lp.has_top = !r.null()?;
+                if lp.has_top {
+                    r.array(|r| {
+                        let before = lp.top_lps.len();
+                        if !r.null()? {
+                            r.object(|r, key| {
+                                let v = r.f64_or_null()?;
+                                let token = std::str::from_utf8(key)
+                                    .map_err(|_| JsonError { pos: r.pos(), msg: "invalid UTF-8 in key".into() })?;
+                                lp.push_candidate(Some(token), None, v);
+                                Ok(())
+                            })?;
                         }
-                        Ok(n)
-                    }
+                        lp.top_rows.push((lp.top_lps.len() - before) as u32);
+                        Ok(())
+                    })?;
                 }
-                d.deserialize_seq(RV(self.0))
             }
-        }
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = MaskRows;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a list of token-id lists")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<MaskRows, A::Error> {
-                let mut rows = MaskRows::default();
-                while let Some(n) = s.next_element_seed(Row(&mut rows.ids))? {
-                    rows.lens.push(n);
+            b"content" => {
+                has_content = !r.null()?;
+                if has_content {
+                    let mut fresh = LpDelta::default();
+                    std::mem::swap(&mut fresh, lp);
+                    fresh.clear();
+                    let res = r.array(|r| parse_content_entry(r, &mut fresh));
+                    std::mem::swap(&mut fresh, lp);
+                    res?;
                 }
-                Ok(rows)
             }
+            _ => r.skip()?,
         }
-        d.deserialize_seq(V)
+        Ok(())
+    })?;
+    lp.kind = if has_content {
+        LpKind::Content
+    } else if has_token_lps {
+        LpKind::Legacy
+    } else {
+        LpKind::None
+    };
+    Ok(())
+}
+
+fn parse_choice(r: &mut Reader<'_>, c: &mut ChoiceDelta) -> json::Result<()> {
+    c.clear();
+    r.object(|r, k| {
+        match k {
+            b"index" => c.index = Some(r.u32()?),
+            b"text" => {
+                c.text.clear();
+                c.has_text = append_string(r, &mut c.text)?;
+            }
+            b"delta" => {
+                if !r.null()? {
+                    r.object(|r, k| {
+                        match k {
+                            b"content" => c.has_text |= append_string(r, &mut c.text)?,
+                            b"reasoning_content" | b"reasoning" => {
+                                c.has_reasoning |= append_string(r, &mut c.reasoning)?
+                            }
+                            _ => r.skip()?,
+                        }
+                        Ok(())
+                    })?;
+                }
+            }
+            b"logprobs" => parse_logprobs(r, &mut c.lp)?,
+            b"finish_reason" => c.finish_reason = opt_string(r)?,
+            b"stop_reason" => {
+                c.stop_reason = match r.peek() {
+                    Some(b'"') => Some(StopReason::Text(r.string()?.into_owned())),
+                    _ if r.null()? => None,
+                    _ => Some(StopReason::Token(r.i64()?)),
+                }
+            }
+            b"prompt_token_ids" => {
+                c.prompt.clear();
+                c.has_prompt = !r.null()?;
+                if c.has_prompt {
+                    u32_array(r, &mut c.prompt)?;
+                }
+            }
+            b"token_ids" => {
+                c.ids.clear();
+                c.has_ids = !r.null()?;
+                if c.has_ids {
+                    u32_array(r, &mut c.ids)?;
+                }
+            }
+            b"routed_experts" => c.routed_experts = opt_string(r)?,
+            b"sampling_mask" => {
+                c.mask_ids.clear();
+                c.mask_lens.clear();
+                c.has_mask = !r.null()?;
+                if c.has_mask {
+                    r.array(|r| {
+                        let before = c.mask_ids.len();
+                        r.array(|r| {
+                            let pos = r.pos();
+                            let id = r.u32()?;
+                            let id = i32::try_from(id).map_err(|_| JsonError {
+                                pos,
+                                msg: format!("mask token id {id} out of range").into(),
+                            })?;
+                            c.mask_ids.push(id);
+                            Ok(())
+                        })?;
+                        c.mask_lens.push((c.mask_ids.len() - before) as i64);
+                        Ok(())
+                    })?;
+                }
+            }
+            b"weight_versions" => {
+                c.weight_versions = if r.null()? {
+                    None
+                } else {
+                    let mut spans = Vec::new();
+                    r.array(|r| {
+                        let (mut version, mut start, mut end) = (None, None, None);
+                        r.object(|r, k| {
+                            match k {
+                                b"version" => version = Some(r.string()?.into_owned()),
+                                b"start" => start = Some(r.i64()?),
+                                b"end" => end = Some(r.i64()?),
+                                _ => r.skip()?,
+                            }
+                            Ok(())
+                        })?;
+                        match (version, start, end) {
+                            (Some(version), Some(start), Some(end)) if 0 <= start && start <= end => {
+                                spans.push(WeightVersionSpan { version, start: start as u64, end: end as u64 });
+                                Ok(())
+                            }
+                            _ => r.err("weight_versions entry needs a version and 0 <= start <= end"),
+                        }
+                    })?;
+                    Some(spans)
+                }
+            }
+            _ => r.skip()?,
+        }
+        Ok(())
+    })
+}
+
+fn parse_usage(r: &mut Reader<'_>) -> json::Result<Option<Usage>> {
+    if r.null()? {
+        return Ok(None);
     }
+    let mut u = Usage::default();
+    r.object(|r, k| {
+        match k {
+            b"prompt_tokens" => u.prompt_tokens = r.i64()?,
+            b"completion_tokens" => u.completion_tokens = r.i64()?,
+            b"total_tokens" => u.total_tokens = r.i64()?,
+            b"prompt_tokens_details" => {
+                if !r.null()? {
+                    r.object(|r, k| {
+                        match k {
+                            b"cached_tokens" if !r.null()? => u.cached_tokens = Some(r.i64()?),
+                            _ => r.skip()?,
+                        }
+                        Ok(())
+                    })?;
+                }
+            }
+            _ => r.skip()?,
+        }
+        Ok(())
+    })?;
+    Ok(Some(u))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawStop<'a> {
-    Token(i64),
-    #[serde(borrow)]
-    Text(Str<'a>),
+fn parse_metrics(r: &mut Reader<'_>) -> json::Result<Option<Vec<(String, f64)>>> {
+    if r.null()? {
+        return Ok(None);
+    }
+    let mut m = Vec::new();
+    r.object(|r, k| {
+        match r.peek() {
+            Some(b'-' | b'0'..=b'9') => {
+                let v = r.f64()?;
+                m.push((String::from_utf8_lossy(k).into_owned(), v));
+            }
+            // Nested objects (speculative_decoding) and nulls are not metrics we track.
+            _ => r.skip()?,
+        }
+        Ok(())
+    })?;
+    Ok(Some(m))
 }
 
-#[derive(Debug, Deserialize)]
-struct RawTop<'a> {
-    #[serde(borrow, default)]
-    token: Option<Str<'a>>,
-    #[serde(default)]
-    token_id: Option<u32>,
-    #[serde(default)]
-    logprob: Option<Lp>,
+fn parse_error(r: &mut Reader<'_>, offset: u64) -> json::Result<Option<ServerError>> {
+    if r.null()? {
+        return Ok(None);
+    }
+    let mut e = ServerError { message: String::new(), error_type: None, code: None, param: None, offset };
+    if r.peek() == Some(b'"') {
+        e.message = r.string()?.into_owned();
+        return Ok(Some(e));
+    }
+    r.object(|r, k| {
+        match k {
+            b"message" => e.message = opt_string(r)?.unwrap_or_default(),
+            b"type" => e.error_type = opt_string(r)?,
+            b"param" => e.param = if r.peek() == Some(b'"') { opt_string(r)? } else { r.skip().map(|_| None)? },
+            b"code" => {
+                e.code = match r.peek() {
+                    Some(b'"') => Some(r.string()?.into_owned()),
+                    _ if r.null()? => None,
+                    _ => Some(r.i64()?.to_string()),
+                }
+            }
+            _ => r.skip()?,
+        }
+        Ok(())
+    })?;
+    Ok(Some(e))
 }
 
-#[derive(Debug, Deserialize)]
-struct RawContent<'a> {
-    #[serde(borrow, default)]
-    token: Option<Str<'a>>,
-    #[serde(default)]
-    token_id: Option<u32>,
-    #[serde(default)]
-    logprob: Option<Lp>,
-    #[serde(default)]
-    rank: Option<i64>,
-    #[serde(borrow, default)]
-    top_logprobs: Option<Vec<RawTop<'a>>>,
+fn chunk_member<'a>(
+    r: &mut Reader<'a>,
+    k: &[u8],
+    f: &mut ChunkFields<'a>,
+    choices: &mut Vec<ChoiceDelta>,
+    prompt: &mut Vec<u32>,
+    offset: u64,
+) -> json::Result<()> {
+    match k {
+        b"id" | b"request_id" => {
+            if !r.null()? {
+                let s = r.string()?;
+                // `request_id` (generate endpoint) wins over `id`.
+                if k == b"request_id" || f.id.is_none() {
+                    f.id = Some(s);
+                }
+            }
+        }
+        b"model" => f.model = if r.null()? { None } else { Some(r.string()?) },
+        b"choices" => {
+            f.n_choices = 0;
+            if !r.null()? {
+                r.array(|r| {
+                    if f.n_choices == choices.len() {
+                        choices.push(ChoiceDelta::default());
+                    }
+                    let res = parse_choice(r, &mut choices[f.n_choices]);
+                    f.n_choices += 1;
+                    res
+                })?;
+            }
+        }
+        b"usage" => f.usage = parse_usage(r)?,
+        b"metrics" => f.metrics = parse_metrics(r)?,
+        b"error" => f.error = parse_error(r, offset)?,
+        b"prompt_token_ids" => {
+            prompt.clear();
+            f.has_prompt = !r.null()?;
+            if f.has_prompt {
+                u32_array(r, prompt)?;
+            }
+        }
+        _ => r.skip()?,
+    }
+    Ok(())
 }
 
-#[derive(Debug, Deserialize)]
-struct RawLogprobs<'a> {
-    #[serde(default)]
-    token_logprobs: Option<Vec<Lp>>,
-    #[serde(borrow, default)]
-    top_logprobs: Option<Vec<Option<PairList<'a>>>>,
-    #[serde(borrow, default)]
-    content: Option<Vec<RawContent<'a>>>,
+/// Members that may precede `choices` without effects beyond what the first
+/// event recorded (the request id and model are kept from the first event).
+fn inert_member(k: &[u8]) -> bool {
+    matches!(k, b"id" | b"request_id" | b"object" | b"created" | b"model" | b"output_mode" | b"system_fingerprint")
 }
 
-#[derive(Debug, Deserialize)]
-struct RawDelta<'a> {
-    #[serde(borrow, default)]
-    content: Option<Str<'a>>,
-    #[serde(borrow, default)]
-    reasoning_content: Option<Str<'a>>,
-    #[serde(borrow, default)]
-    reasoning: Option<Str<'a>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct RawWeightVersion<'a> {
-    #[serde(borrow)]
-    version: Str<'a>,
-    start: u64,
-    end: u64,
-}
-
-#[derive(Debug, Deserialize)]
-struct RawChoice<'a> {
-    index: u32,
-    #[serde(borrow, default)]
-    text: Option<Str<'a>>,
-    #[serde(borrow, default)]
-    delta: Option<RawDelta<'a>>,
-    #[serde(borrow, default)]
-    logprobs: Option<RawLogprobs<'a>>,
-    #[serde(borrow, default)]
-    finish_reason: Option<Str<'a>>,
-    #[serde(borrow, default)]
-    stop_reason: Option<RawStop<'a>>,
-    #[serde(default)]
-    prompt_token_ids: Option<Vec<u32>>,
-    #[serde(default)]
-    token_ids: Option<Vec<u32>>,
-    #[serde(borrow, default)]
-    routed_experts: Option<Str<'a>>,
-    #[serde(default)]
-    sampling_mask: Option<MaskRows>,
-    #[serde(borrow, default)]
-    weight_versions: Option<Vec<RawWeightVersion<'a>>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct RawCachedDetails {
-    #[serde(default)]
-    cached_tokens: Option<i64>,
-}
-
-#[derive(Debug, Deserialize)]
-struct RawUsage {
-    #[serde(default)]
-    prompt_tokens: i64,
-    #[serde(default)]
-    completion_tokens: i64,
-    #[serde(default)]
-    total_tokens: i64,
-    #[serde(default)]
-    prompt_tokens_details: Option<RawCachedDetails>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawCode<'a> {
-    Int(i64),
-    #[serde(borrow)]
-    Text(Str<'a>),
-}
-
-#[derive(Debug, Deserialize)]
-struct RawErrorBody<'a> {
-    #[serde(borrow, default)]
-    message: Option<Str<'a>>,
-    #[serde(borrow, default, rename = "type")]
-    error_type: Option<Str<'a>>,
-    #[serde(borrow, default)]
-    code: Option<RawCode<'a>>,
-    #[serde(borrow, default)]
-    param: Option<Str<'a>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawError<'a> {
-    #[serde(borrow)]
-    Body(RawErrorBody<'a>),
-    Text(Str<'a>),
-}
-
-#[derive(Debug, Deserialize)]
-struct RawChunk<'a> {
-    #[serde(borrow, default)]
-    id: Option<Str<'a>>,
-    #[serde(borrow, default)]
-    request_id: Option<Str<'a>>,
-    #[serde(borrow, default)]
-    model: Option<Str<'a>>,
-    #[serde(borrow, default)]
-    choices: Option<Vec<RawChoice<'a>>>,
-    #[serde(default)]
-    usage: Option<RawUsage>,
-    #[serde(default)]
-    metrics: Option<NumericMap>,
-    #[serde(default)]
-    prompt_token_ids: Option<Vec<u32>>,
-    #[serde(borrow, default)]
-    error: Option<RawError<'a>>,
-    #[serde(default, rename = "object")]
-    _object: Option<IgnoredAny>,
+fn parse_chunk<'a>(r: &mut Reader<'a>, st: &mut Scratch, offset: u64) -> json::Result<ChunkFields<'a>> {
+    let mut f = ChunkFields::default();
+    let Scratch { choices, prompt, prefix } = st;
+    prompt.clear();
+    let data = r.buf();
+    // vLLM repeats the same `{"id":..,"object":..,"created":..,"model":..,"choices":`
+    // at the start of every event. When the bytes are identical to the last
+    // event's validated prefix, they carry nothing new: resume at `choices`.
+    if !prefix.is_empty() && data.len() > prefix.len() && data[..prefix.len()] == prefix[..] {
+        r.set_pos(prefix.len());
+        r.object_resume(b"choices", |r, k| chunk_member(r, k, &mut f, choices, prompt, offset))?;
+        r.end()?;
+        return Ok(f);
+    }
+    let mut inert = true;
+    let mut prefix_end = None;
+    r.object(|r, k| {
+        if prefix_end.is_none() {
+            if k == b"choices" {
+                prefix_end = Some(r.pos());
+            } else if !inert_member(k) && r.peek() != Some(b'n') {
+                inert = false;
+            }
+        }
+        chunk_member(r, k, &mut f, choices, prompt, offset)
+    })?;
+    r.end()?;
+    prefix.clear();
+    if let (true, Some(end)) = (inert, prefix_end) {
+        prefix.extend_from_slice(&data[..end]);
+    }
+    Ok(f)
 }
 
 // ---------------------------------------------------------------------------
@@ -490,6 +740,7 @@ struct RawChunk<'a> {
 pub struct StreamDecoder {
     sse: SseParser,
     out: StreamOutput,
+    scratch: Scratch,
     failed: Option<DecodeError>,
 }
 
@@ -535,8 +786,9 @@ impl StreamDecoder {
             return Err(e.clone());
         }
         let out = &mut self.out;
+        let scratch = &mut self.scratch;
         out.bytes += chunk.len() as u64;
-        let res = self.sse.feed(chunk, |ev| handle_event(out, ev));
+        let res = self.sse.feed(chunk, |ev| handle_event(out, scratch, ev));
         if let Err(e) = &res {
             self.failed = Some(e.clone());
         }
@@ -591,7 +843,7 @@ pub fn decode_stream(body: &[u8]) -> Result<StreamOutput, DecodeError> {
     d.finish()
 }
 
-fn handle_event(out: &mut StreamOutput, ev: SseEvent<'_>) -> Result<(), DecodeError> {
+fn handle_event(out: &mut StreamOutput, scratch: &mut Scratch, ev: SseEvent<'_>) -> Result<(), DecodeError> {
     out.events += 1;
     let data = ev.data;
     if out.done {
@@ -601,46 +853,33 @@ fn handle_event(out: &mut StreamOutput, ev: SseEvent<'_>) -> Result<(), DecodeEr
         out.done = true;
         return Ok(());
     }
-    if ev.event_type != b"message" && ev.event_type != b"error" {
+    let is_error_event = ev.event_type == b"error";
+    if ev.event_type != b"message" && !is_error_event {
         // Named events other than errors (pings, keep-alives) carry no tokens.
         return Ok(());
     }
-    let chunk: RawChunk<'_> = match serde_json::from_slice(data) {
-        Ok(c) => c,
+    let mut r = Reader::new(data);
+    let fields = match parse_chunk(&mut r, scratch, ev.offset) {
+        Ok(f) => f,
+        Err(e) if is_error_event => {
+            // A plain-text error event.
+            let _ = e;
+            out.error.get_or_insert(ServerError {
+                message: String::from_utf8_lossy(data).into_owned(),
+                error_type: None,
+                code: None,
+                param: None,
+                offset: ev.offset,
+            });
+            return Ok(());
+        }
         Err(e) => {
-            if ev.event_type == b"error" {
-                // A plain-text error event.
-                out.error.get_or_insert(ServerError {
-                    message: String::from_utf8_lossy(data).into_owned(),
-                    error_type: None,
-                    code: None,
-                    param: None,
-                    offset: ev.offset,
-                });
-                return Ok(());
-            }
-            let at = json_error_position(data, &e);
-            let kind = if e.is_eof() { "incomplete JSON" } else { "invalid JSON" };
-            return Err(protocol(ev.data_offset + at as u64, format!("{kind} in event: {e}"), excerpt(data, at)));
+            let at = e.pos.min(data.len());
+            let kind = if at >= data.len() { "incomplete JSON" } else { "invalid event" };
+            return Err(protocol(ev.data_offset + at as u64, format!("{kind}: {}", e.msg), excerpt(data, at)));
         }
     };
-    apply_chunk(out, chunk, ev).map_err(|msg| protocol(ev.data_offset, msg, excerpt(data, 0)))
-}
-
-/// Byte index into `data` of a serde_json error (which reports line/column).
-fn json_error_position(data: &[u8], e: &serde_json::Error) -> usize {
-    let mut line = 1usize;
-    let mut idx = 0usize;
-    while line < e.line() {
-        match memchr::memchr(b'\n', &data[idx..]) {
-            Some(p) => {
-                idx += p + 1;
-                line += 1;
-            }
-            None => break,
-        }
-    }
-    (idx + e.column().saturating_sub(1)).min(data.len())
+    apply_chunk(out, fields, scratch, ev.offset).map_err(|msg| protocol(ev.data_offset, msg, excerpt(data, 0)))
 }
 
 fn choice_mut(out: &mut StreamOutput, index: u32) -> Result<&mut ChoiceOutput, String> {
@@ -656,167 +895,118 @@ fn choice_mut(out: &mut StreamOutput, index: u32) -> Result<&mut ChoiceOutput, S
     Ok(&mut out.choices[last])
 }
 
-fn apply_chunk(out: &mut StreamOutput, chunk: RawChunk<'_>, ev: SseEvent<'_>) -> Result<(), String> {
-    if let Some(err) = chunk.error {
+fn apply_chunk(out: &mut StreamOutput, f: ChunkFields<'_>, st: &mut Scratch, offset: u64) -> Result<(), String> {
+    if let Some(mut e) = f.error {
         if out.error.is_none() {
-            out.error = Some(match err {
-                RawError::Body(b) => ServerError {
-                    message: b.message.map(|s| s.0.into_owned()).unwrap_or_default(),
-                    error_type: b.error_type.map(|s| s.0.into_owned()),
-                    code: b.code.map(|c| match c {
-                        RawCode::Int(i) => i.to_string(),
-                        RawCode::Text(s) => s.0.into_owned(),
-                    }),
-                    param: b.param.map(|s| s.0.into_owned()),
-                    offset: ev.offset,
-                },
-                RawError::Text(s) => ServerError {
-                    message: s.0.into_owned(),
-                    error_type: None,
-                    code: None,
-                    param: None,
-                    offset: ev.offset,
-                },
-            });
+            e.offset = offset;
+            out.error = Some(e);
         }
     }
     if out.request_id.is_none() {
-        if let Some(id) = chunk.request_id.or(chunk.id) {
-            out.request_id = Some(id.0.into_owned());
-        }
+        out.request_id = f.id.map(Cow::into_owned);
     }
     if out.model.is_none() {
-        if let Some(m) = chunk.model {
-            out.model = Some(m.0.into_owned());
-        }
+        out.model = f.model.map(Cow::into_owned);
     }
-    if let Some(u) = chunk.usage {
-        out.usage = Some(Usage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            total_tokens: u.total_tokens,
-            cached_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
-        });
+    if let Some(u) = f.usage {
+        out.usage = Some(u);
     }
-    if let Some(m) = chunk.metrics {
-        out.metrics = m.0;
+    if let Some(m) = f.metrics {
+        out.metrics = m;
     }
-    let top_prompt = chunk.prompt_token_ids;
-    let Some(choices) = chunk.choices else {
-        return Ok(());
-    };
-    for rc in choices {
-        let c = choice_mut(out, rc.index)?;
-        apply_choice(c, rc, top_prompt.as_deref())?;
+    let top_prompt = f.has_prompt.then_some(st.prompt.as_slice());
+    for delta in &mut st.choices[..f.n_choices] {
+        let Some(index) = delta.index else {
+            return Err("choice without an `index`".into());
+        };
+        let c = choice_mut(out, index)?;
+        apply_choice(c, delta, top_prompt)?;
     }
     Ok(())
 }
 
-fn apply_choice(c: &mut ChoiceOutput, rc: RawChoice<'_>, top_prompt: Option<&[u32]>) -> Result<(), String> {
-    let idx = rc.index;
-    if c.finish_reason.is_some() && (rc.token_ids.as_ref().is_some_and(|t| !t.is_empty())) {
+fn apply_choice(c: &mut ChoiceOutput, d: &mut ChoiceDelta, top_prompt: Option<&[u32]>) -> Result<(), String> {
+    let idx = c.index;
+    if !d.has_ids && d.lp.kind == LpKind::Content && d.lp.entry_ids.iter().all(|&i| i >= 0) {
+        // Chat without `return_token_ids`: the sampled ids are still known
+        // from the logprob entries (`token_id` or `token_id:N` strings).
+        d.has_ids = true;
+        d.ids.extend(d.lp.entry_ids.iter().map(|&i| i as u32));
+    } else if d.has_ids && d.lp.kind == LpKind::Content {
+        for (i, (&e, &t)) in d.lp.entry_ids.iter().zip(&d.ids).enumerate() {
+            if e >= 0 && e != i64::from(t) {
+                return Err(format!("choice {idx}: logprob entry {i} is for token {e} but token_ids has {t}"));
+            }
+        }
+    }
+    if c.finish_reason.is_some() && !d.ids.is_empty() {
         return Err(format!("choice {idx}: tokens after its finish_reason"));
     }
-    if let Some(p) = rc.prompt_token_ids.as_deref().or(top_prompt) {
+    let prompt = if d.has_prompt { Some(d.prompt.as_slice()) } else { top_prompt };
+    if let Some(p) = prompt {
         if c.prompt_token_ids.is_none() {
             c.prompt_token_ids = Some(p.iter().map(|&t| i64::from(t)).collect());
         }
     }
-    let mut rc = rc;
-    if rc.token_ids.is_none() {
-        // Chat without `return_token_ids`: the sampled ids can still be known
-        // from the logprob entries (`token_id` or `token_id:N` strings).
-        rc.token_ids = rc.logprobs.as_ref().and_then(|lp| lp.content.as_ref()).and_then(|content| {
-            content
-                .iter()
-                .map(|e| {
-                    e.token_id
-                        .map(i64::from)
-                        .or_else(|| e.token.as_ref().and_then(|t| token_id_string(&t.0)))
-                        .and_then(|i| u32::try_from(i).ok())
-                })
-                .collect::<Option<Vec<u32>>>()
-        });
-    } else if let (Some(ids), Some(content)) = (&rc.token_ids, rc.logprobs.as_ref().and_then(|lp| lp.content.as_ref()))
-    {
-        for (i, (e, &t)) in content.iter().zip(ids).enumerate() {
-            if e.token_id.is_some_and(|id| id != t) {
-                return Err(format!(
-                    "choice {idx}: logprob entry {i} is for token {:?} but token_ids has {t}",
-                    e.token_id
-                ));
-            }
-        }
-    }
     let before = c.token_ids.len();
-    let new_tokens = rc.token_ids.as_ref().map_or(0, Vec::len);
-    if let Some(ids) = &rc.token_ids {
-        c.token_ids.extend(ids.iter().map(|&t| i64::from(t)));
+    let new_tokens = d.ids.len();
+    c.token_ids.extend(d.ids.iter().map(|&t| i64::from(t)));
+    if d.has_text {
+        c.text.push_str(&d.text);
     }
-    if let Some(t) = rc.text {
-        c.text.push_str(&t.0);
+    if d.has_reasoning {
+        c.reasoning.push_str(&d.reasoning);
     }
-    if let Some(d) = rc.delta {
-        if let Some(t) = d.content {
-            c.text.push_str(&t.0);
-        }
-        if let Some(t) = d.reasoning_content.or(d.reasoning) {
-            c.reasoning.push_str(&t.0);
-        }
-    }
-    if let Some(lp) = rc.logprobs {
+    if d.lp.kind != LpKind::None {
         // With `echo`, the first chunk's logprob lists cover the prompt too.
-        let echo = match (&rc.prompt_token_ids, &lp.token_logprobs) {
-            (Some(p), Some(tl))
-                if before == 0 && c.prompt_logprobs.is_empty() && !p.is_empty() && tl.len() == p.len() + new_tokens =>
-            {
-                p.len()
-            }
-            _ => 0,
+        let echo = if d.lp.kind == LpKind::Legacy
+            && d.has_prompt
+            && before == 0
+            && c.prompt_logprobs.is_empty()
+            && !d.prompt.is_empty()
+            && d.lp.lps.len() == d.prompt.len() + new_tokens
+        {
+            d.prompt.len()
+        } else {
+            0
         };
-        apply_logprobs(c, lp, idx, before, new_tokens, rc.token_ids.is_some(), echo)?;
+        apply_logprobs(c, &d.lp, before, new_tokens, d.has_ids, echo)?;
     }
-    if let Some(mask) = rc.sampling_mask {
+    if d.has_mask {
         let (ids, offs) = c.sampling_mask.get_or_insert_with(|| (Vec::new(), vec![0]));
         // Rows already present must line up with earlier tokens.
         let rows_before = offs.len() - 1;
         if rows_before != before {
             return Err(format!("choice {idx}: sampling_mask rows ({rows_before}) out of step with tokens ({before})"));
         }
-        if rc.token_ids.is_some() && mask.lens.len() != new_tokens {
+        if d.has_ids && d.mask_lens.len() != new_tokens {
             return Err(format!(
                 "choice {idx}: {} sampling_mask rows for {new_tokens} tokens in one chunk",
-                mask.lens.len()
+                d.mask_lens.len()
             ));
         }
         let mut end = *offs.last().unwrap_or(&0);
-        for n in mask.lens {
+        for &n in &d.mask_lens {
             end += n;
             offs.push(end);
         }
-        ids.extend_from_slice(&mask.ids);
+        ids.extend_from_slice(&d.mask_ids);
     }
-    if let Some(re) = rc.routed_experts {
+    if let Some(re) = &d.routed_experts {
         let raw = base64::engine::general_purpose::STANDARD
-            .decode(re.0.as_bytes())
+            .decode(re.as_bytes())
             .map_err(|e| format!("choice {idx}: routed_experts is not base64: {e}"))?;
         let arr = parse_npy(&raw).map_err(|e| format!("choice {idx}: routed_experts: {e}"))?;
         append_rows(&mut c.routed_experts, arr).map_err(|e| format!("choice {idx}: routed_experts: {e}"))?;
     }
-    if let Some(wv) = rc.weight_versions {
-        c.weight_versions = wv
-            .into_iter()
-            .map(|w| WeightVersionSpan { version: w.version.0.into_owned(), start: w.start, end: w.end })
-            .collect();
+    if let Some(wv) = d.weight_versions.take() {
+        c.weight_versions = wv;
     }
-    if let Some(fr) = rc.finish_reason {
-        c.finish_reason = Some(fr.0.into_owned());
+    if let Some(fr) = d.finish_reason.take() {
+        c.finish_reason = Some(fr);
     }
-    if let Some(sr) = rc.stop_reason {
-        c.stop_reason = Some(match sr {
-            RawStop::Token(t) => StopReason::Token(t),
-            RawStop::Text(s) => StopReason::Text(s.0.into_owned()),
-        });
+    if let Some(sr) = d.stop_reason.take() {
+        c.stop_reason = Some(sr);
     }
     Ok(())
 }
@@ -852,70 +1042,53 @@ fn token_id_string(s: &str) -> Option<i64> {
 
 fn apply_logprobs(
     c: &mut ChoiceOutput,
-    lp: RawLogprobs<'_>,
-    idx: u32,
+    lp: &LpDelta,
     tokens_before: usize,
     new_tokens: usize,
     has_ids: bool,
     echo: usize,
 ) -> Result<(), String> {
+    let idx = c.index;
     c.has_logprobs = true;
-    let check = |n: usize, what: &str| -> Result<(), String> {
-        if has_ids && n != new_tokens {
-            Err(format!("choice {idx}: {n} {what} for {new_tokens} token ids in one chunk"))
-        } else {
-            Ok(())
-        }
-    };
     if c.logprobs.len() != tokens_before {
         return Err(format!(
             "choice {idx}: logprobs ({}) out of step with token ids ({tokens_before})",
             c.logprobs.len()
         ));
     }
-    if let Some(tl) = lp.token_logprobs {
-        check(tl.len() - echo, "token_logprobs")?;
-        c.prompt_logprobs.extend(tl[..echo].iter().map(|l| l.0 as f32));
-        c.logprobs.extend(tl[echo..].iter().map(|l| l.0 as f32));
-        if let Some(tops) = lp.top_logprobs {
-            if tops.len() < echo {
-                return Err(format!("choice {idx}: {} top_logprobs rows for an echoed prompt of {echo}", tops.len()));
-            }
-            check(tops.len() - echo, "top_logprobs rows")?;
-            for (i, row) in tops.into_iter().enumerate() {
-                let slot = if i < echo { &mut c.prompt_top_logprobs } else { &mut c.top_logprobs };
-                let top = slot.get_or_insert_with(|| TopLogprobs { offsets: vec![0], ..Default::default() });
-                for (tok, l) in row.map(|r| r.0).unwrap_or_default() {
-                    push_top(top, Some(&tok.0), None, l.0);
-                }
-                top.offsets.push(top.logprobs.len() as i64);
-            }
-        }
-    } else if let Some(content) = lp.content {
-        check(content.len(), "logprobs.content entries")?;
-        let with_rank = content.iter().any(|e| e.rank.is_some());
-        if with_rank && c.ranks.len() != tokens_before {
+    let entries = lp.lps.len();
+    if has_ids && entries - echo != new_tokens {
+        return Err(format!("choice {idx}: {} logprobs for {new_tokens} token ids in one chunk", entries - echo));
+    }
+    c.prompt_logprobs.extend(lp.lps[..echo].iter().map(|&l| l as f32));
+    c.logprobs.extend(lp.lps[echo..].iter().map(|&l| l as f32));
+    if lp.has_ranks {
+        if c.ranks.len() != tokens_before {
             return Err(format!("choice {idx}: ranks out of step with tokens"));
         }
-        for e in content {
-            c.logprobs.push(e.logprob.map_or(f64::NAN, |l| l.0) as f32);
-            if with_rank {
-                c.ranks.push(e.rank.unwrap_or(-1));
-            }
-            if let Some(tops) = e.top_logprobs {
-                let top = c.top_logprobs.get_or_insert_with(|| TopLogprobs { offsets: vec![0], ..Default::default() });
-                // Rows must stay aligned with tokens even when earlier entries had none.
-                while top.offsets.len() < c.logprobs.len() {
+        c.ranks.extend_from_slice(&lp.ranks);
+    }
+    if lp.has_top {
+        if lp.top_rows.len() != entries {
+            return Err(format!("choice {idx}: {} top_logprobs rows for {entries} logprobs", lp.top_rows.len()));
+        }
+        let mut cand = 0usize;
+        for (i, &n) in lp.top_rows.iter().enumerate() {
+            let slot = if i < echo { &mut c.prompt_top_logprobs } else { &mut c.top_logprobs };
+            let top = slot.get_or_insert_with(|| TopLogprobs { offsets: vec![0], ..Default::default() });
+            if i >= echo {
+                // Rows stay aligned with tokens even when earlier chunks had none.
+                while top.offsets.len() < tokens_before + (i - echo) + 1 {
                     top.offsets.push(top.logprobs.len() as i64);
                 }
-                for t in tops {
-                    push_top(top, t.token.as_ref().map(|s| &*s.0), t.token_id, t.logprob.map_or(f64::NAN, |l| l.0));
-                }
-                top.offsets.push(top.logprobs.len() as i64);
             }
+            let end = cand + n as usize;
+            top.token_ids.extend_from_slice(&lp.top_ids[cand..end]);
+            top.logprobs.extend(lp.top_lps[cand..end].iter().map(|&l| l as f32));
+            top.tokens.extend_from(&lp.top_strs, cand, end);
+            cand = end;
+            top.offsets.push(top.logprobs.len() as i64);
         }
-    } else {
-        return Ok(());
     }
     if let Some(top) = &mut c.top_logprobs {
         while top.offsets.len() < c.logprobs.len() + 1 {
@@ -923,16 +1096,6 @@ fn apply_logprobs(
         }
     }
     Ok(())
-}
-
-/// Append one candidate. Both forms are kept while decoding (id -1 when the
-/// server gave only a string); [`finalize_top`] drops whichever form is not
-/// needed once the stream is complete.
-fn push_top(top: &mut TopLogprobs, token: Option<&str>, id: Option<u32>, lp: f64) {
-    let id = id.map(i64::from).or_else(|| token.and_then(token_id_string));
-    top.token_ids.push(id.unwrap_or(-1));
-    top.tokens.push(token.unwrap_or(""));
-    top.logprobs.push(lp as f32);
 }
 
 /// Keep ids when every candidate has one, strings when none has; both otherwise.
