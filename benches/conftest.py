@@ -7,7 +7,6 @@ reported, never asserted.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -25,8 +24,8 @@ _REPORT = Report()
 
 
 @pytest.fixture(scope="session")
-def report() -> Iterator[Report]:
-    yield _REPORT
+def report() -> Report:
+    return _REPORT
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

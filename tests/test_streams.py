@@ -62,7 +62,10 @@ def reference(body: bytes) -> dict[str, Any]:
                 for e in lp["content"]:
                     c["lps"].append(e["logprob"])
                     c["top"].append(
-                        {(t["token_id"] if "token_id" in t else t["token"]): t["logprob"] for t in e["top_logprobs"]}
+                        {
+                            (t["token_id"] if "token_id" in t else t["token"]): t["logprob"]
+                            for t in e["top_logprobs"]
+                        }
                     )
     out["choices"] = choices
     return out
@@ -161,11 +164,13 @@ def test_any_mutation_gives_a_result_or_a_stream_error(edits: list[tuple[int, in
     body = bytearray(SMALL)
     for at, byte in edits:
         body[at] = byte
+    error: StreamError | None = None
     try:
         parse_stream(body)
     except StreamError as e:
-        assert isinstance(e.offset, int)
-        assert 0 <= e.offset <= len(body)
+        error = e
+    if error is not None:
+        assert 0 <= error.offset <= len(body)
 
 
 @settings(max_examples=200, deadline=None)
@@ -220,7 +225,8 @@ def test_malformed_events_raise_protocol_errors_with_offset(event: bytes, fragme
 
 
 def test_unknown_fields_are_ignored() -> None:
-    body = b'data: {"future":{"x":[1,{"y":null}]},"choices":[{"index":0,"token_ids":[3],"new":1}]}\n\ndata: [DONE]\n\n'
+    event = b'{"future":{"x":[1,{"y":null}]},"choices":[{"index":0,"token_ids":[3],"new":1}]}'
+    body = b"data: " + event + b"\n\ndata: [DONE]\n\n"
     assert parse_stream(body).choices[0].token_ids.tolist() == [3]
 
 

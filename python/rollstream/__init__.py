@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import _core
 from ._exceptions import (
+    ChatFormatError,
     EngineError,
     EngineStartError,
     RollstreamError,
@@ -15,12 +16,17 @@ from ._exceptions import (
     StreamProtocolError,
     StreamServerError,
     StreamTruncatedError,
+    TemplateError,
+    TokenizerError,
 )
 from .streams import StreamDecoder, StreamResult, parse_stream
+from .tokenizer import ChatTokenizer
 
 __version__: str = _core.__version__
 
 __all__ = [
+    "ChatFormatError",
+    "ChatTokenizer",
     "EngineError",
     "EngineStartError",
     "RollstreamError",
@@ -30,6 +36,8 @@ __all__ = [
     "StreamResult",
     "StreamServerError",
     "StreamTruncatedError",
+    "TemplateError",
+    "TokenizerError",
     "__version__",
     "parse_stream",
 ]

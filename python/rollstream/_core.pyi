@@ -24,3 +24,57 @@ class StreamDecoder:
     def done(self) -> bool: ...
 
 def decode_stream(body: bytes) -> dict[str, Any]: ...
+
+@final
+class ChatTokenizer:
+    """Low-level chat tokenizer (see rollstream.ChatTokenizer)."""
+
+    def __init__(
+        self,
+        tokenizer_json: str,
+        chat_template: str | None = None,
+        special_tokens: dict[str, Any] | None = None,
+        extra_roles: list[str] = ...,
+        fixed_time: int | None = None,
+    ) -> None: ...
+    @property
+    def has_fast_path(self) -> bool: ...
+    @property
+    def encoder(self) -> str: ...
+    @property
+    def has_template(self) -> bool: ...
+    @property
+    def vocab_size(self) -> int: ...
+    def token_to_id(self, token: str) -> int | None: ...
+    def id_to_token(self, id: int) -> str | None: ...
+    def render(
+        self,
+        messages: Any,
+        tools: Any = None,
+        documents: Any = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        kwargs: dict[str, Any] | None = None,
+    ) -> str: ...
+    def apply(
+        self,
+        messages: Any,
+        tools: Any = None,
+        documents: Any = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        kwargs: dict[str, Any] | None = None,
+    ) -> list[int]: ...
+    def apply_batch(
+        self,
+        conversations: Any,
+        tools: Any = None,
+        documents: Any = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        kwargs: dict[str, Any] | None = None,
+    ) -> list[Any]: ...
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
+    def encode_reference(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[Any]: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...

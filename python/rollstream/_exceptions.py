@@ -94,3 +94,39 @@ class EngineError(RollstreamError):
 class EngineStartError(EngineError):
     """The engine process exited or did not become healthy in time. The message
     includes the tail of the server log."""
+
+
+class TokenizerError(RollstreamError):
+    """A tokenizer could not be loaded, or encoding/decoding failed."""
+
+
+class TemplateError(TokenizerError):
+    """The chat template failed to compile or render.
+
+    ``template_message`` is the template's own message (for
+    ``raise_exception``), ``line`` the 1-based template line and
+    ``source_line`` its text, when known; ``raised`` tells a deliberate
+    ``raise_exception`` from a template bug.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        template_message: str | None = None,
+        line: int | None = None,
+        source_line: str | None = None,
+        raised: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.template_message = template_message if template_message is not None else message
+        self.line = line
+        self.source_line = source_line
+        self.raised = raised
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.template_message, self.line, self.source_line, self.raised))
+
+
+class ChatFormatError(TokenizerError, ValueError):
+    """The conversation is malformed (unknown role, content of the wrong
+    type, ...): raised before rendering instead of producing a wrong prompt."""

@@ -3,11 +3,13 @@
 //! - [`sse`]: incremental WHATWG Server-Sent-Events framing.
 //! - [`vllm`]: vLLM stream decoding straight into columnar buffers.
 //! - [`json`]: the strict, allocation-free JSON reader behind [`vllm`].
+//! - [`tokenize`]: tokenizer.json + chat templates, transformers-exact.
 //! - [`npy`]: the `.npy` payloads vLLM uses for routed experts.
 
 pub mod json;
 pub mod npy;
 pub mod sse;
+pub mod tokenize;
 pub mod vllm;
 
 /// Version of the core crate.

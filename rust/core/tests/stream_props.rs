@@ -34,7 +34,10 @@ fn small(body: &[u8], events: usize) -> Vec<u8> {
     out
 }
 
-fn decode_in_chunks(body: &[u8], cuts: &[usize]) -> Result<rollstream_core::vllm::StreamOutput, rollstream_core::vllm::DecodeError> {
+fn decode_in_chunks(
+    body: &[u8],
+    cuts: &[usize],
+) -> Result<rollstream_core::vllm::StreamOutput, rollstream_core::vllm::DecodeError> {
     let mut d = StreamDecoder::new();
     let mut prev = 0;
     for &c in cuts {

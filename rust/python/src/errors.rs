@@ -16,6 +16,9 @@ macro_rules! exc {
 
 exc!(stream_truncated, "StreamTruncatedError");
 exc!(stream_protocol, "StreamProtocolError");
+exc!(template_error, "TemplateError");
+exc!(chat_format_error, "ChatFormatError");
+exc!(tokenizer_error, "TokenizerError");
 
 /// Build an instance of `cls(*args)` as a `PyErr`; if the class cannot be
 /// imported, that import error is returned instead (never a panic).

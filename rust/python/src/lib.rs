@@ -5,11 +5,13 @@ use pyo3::prelude::*;
 
 mod errors;
 mod streams;
+mod tokenize;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", rollstream_core::version())?;
     m.add_class::<streams::PyStreamDecoder>()?;
     m.add_function(wrap_pyfunction!(streams::decode_stream, m)?)?;
+    m.add_class::<tokenize::PyChatTokenizer>()?;
     Ok(())
 }
