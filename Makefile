@@ -56,3 +56,8 @@ bench-python: setup
 
 clean:
 	rm -rf target .pytest_cache .mypy_cache .ruff_cache
+
+## fuzz: a short libFuzzer run of the stream decoder (cargo-fuzz; stable toolchain via RUSTC_BOOTSTRAP)
+fuzz:
+	cargo install cargo-fuzz --locked -q || true
+	cd rust/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run decode_stream --fuzz-dir . -- -max_total_time=$${FUZZ_SECONDS:-60} -max_len=8192

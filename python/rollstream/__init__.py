@@ -9,9 +9,13 @@ from __future__ import annotations
 from . import _core
 from ._exceptions import (
     ChatFormatError,
+    DeadlineExceededError,
     EngineError,
     EngineStartError,
+    RequestRejectedError,
+    RetriesExhaustedError,
     RollstreamError,
+    SamplingError,
     StreamError,
     StreamProtocolError,
     StreamServerError,
@@ -19,17 +23,30 @@ from ._exceptions import (
     TemplateError,
     TokenizerError,
 )
+from .concurrency import AdaptiveConcurrencyController, FixedConcurrencyController
+from .sampler import DeploymentSampler, RetryPolicy, SampledCompletion, SamplerMetrics, SamplerTimeouts
 from .streams import StreamDecoder, StreamResult, parse_stream
 from .tokenizer import ChatTokenizer
 
 __version__: str = _core.__version__
 
 __all__ = [
+    "AdaptiveConcurrencyController",
     "ChatFormatError",
     "ChatTokenizer",
+    "DeadlineExceededError",
+    "DeploymentSampler",
     "EngineError",
     "EngineStartError",
+    "FixedConcurrencyController",
+    "RequestRejectedError",
+    "RetriesExhaustedError",
+    "RetryPolicy",
     "RollstreamError",
+    "SampledCompletion",
+    "SamplerMetrics",
+    "SamplerTimeouts",
+    "SamplingError",
     "StreamDecoder",
     "StreamError",
     "StreamProtocolError",

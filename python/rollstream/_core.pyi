@@ -4,6 +4,7 @@ These are low-level entry points; the public API wraps them in
 :mod:`rollstream.streams` and friends.
 """
 
+from collections.abc import Callable
 from typing import Any, final
 
 __version__: str
@@ -78,3 +79,48 @@ class ChatTokenizer:
     def encode_reference(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[Any]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
+
+@final
+class RequestHandle:
+    def cancel(self) -> None: ...
+    @property
+    def tokens(self) -> int: ...
+
+@final
+class StreamClient:
+    def __init__(
+        self, worker_threads: int = 1, connect_timeout: float = 10.0, pool_idle_timeout: float = 90.0
+    ) -> None: ...
+    def submit(
+        self,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        idle_timeout: float,
+        total_timeout: float,
+        callback: Callable[[dict[str, Any]], None],
+    ) -> RequestHandle: ...
+    @property
+    def in_flight(self) -> int: ...
+    def close(self) -> None: ...
+
+@final
+class Aimd:
+    def __init__(
+        self,
+        initial_window: float,
+        min_window: float,
+        max_window: float,
+        target: float,
+        interval: int = 32,
+        cooldown: float = 1.0,
+    ) -> None: ...
+    @property
+    def window(self) -> int: ...
+    def set_window(self, w: float) -> None: ...
+    def queue_time(self, seconds: float, now: float) -> int: ...
+    def first_token(self, seconds: float, now: float) -> int: ...
+    def congestion(self, retry_attempt: int, now: float) -> int: ...
+    def step(self, now: float) -> dict[str, Any]: ...
+
+def shutdown_callbacks() -> None: ...

@@ -8,6 +8,7 @@ working.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 __all__ = [
@@ -130,3 +131,53 @@ class TemplateError(TokenizerError):
 class ChatFormatError(TokenizerError, ValueError):
     """The conversation is malformed (unknown role, content of the wrong
     type, ...): raised before rendering instead of producing a wrong prompt."""
+
+
+class SamplingError(RollstreamError):
+    """Sampling failed.
+
+    ``request_id`` names the request (``X-Request-Id``) that failed;
+    ``completed`` holds the samples of the same call that had completed
+    before the failure cancelled their siblings (nothing is returned twice:
+    these are not returned by the call).
+    """
+
+    def __init__(
+        self, message: str, *, request_id: str | None = None, completed: list[Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.completed: list[Any] = completed or []
+
+    def with_context(self, message: str, *, completed: list[Any]) -> SamplingError:
+        """A copy with a message naming the whole call, and its completed samples."""
+        new = copy.copy(self)
+        new.args = (message,)
+        new.completed = completed
+        return new
+
+
+class RequestRejectedError(SamplingError, ValueError):
+    """The server refused the request (a 4xx other than 408/425/429):
+    retrying cannot help. ``server_message`` is the server's own message."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        server_message: str | None = None,
+        request_id: str | None = None,
+        completed: list[Any] | None = None,
+    ) -> None:
+        super().__init__(message, request_id=request_id, completed=completed)
+        self.status = status
+        self.server_message = server_message
+
+
+class RetriesExhaustedError(SamplingError):
+    """Every attempt failed with a retryable error; the message names the last."""
+
+
+class DeadlineExceededError(SamplingError, TimeoutError):
+    """The logical request's total deadline passed (across retries)."""

@@ -29,11 +29,13 @@ __all__ = ["LocalVLLM", "engine_available", "free_port"]
 #: leak into rollouts; per-request queue metrics for AIMD; the token-in /
 #: token-out endpoint.
 DEFAULT_FLAGS: tuple[str, ...] = (
-    "--generation-config", "vllm",
-    "--logprobs-mode", "processed_logprobs",
+    "--generation-config",
+    "vllm",
+    "--logprobs-mode",
+    "processed_logprobs",
     "--enable-per-request-metrics",
     "--enable-scale-out",
-)  # fmt: skip
+)
 
 _LIVE: weakref.WeakSet[LocalVLLM] = weakref.WeakSet()
 
@@ -96,15 +98,22 @@ class LocalVLLM:
         self.python = python or os.environ.get("ROLLSTREAM_VLLM_PYTHON") or sys.executable
         self.startup_timeout = startup_timeout
         self.args: list[str] = [
-            "--model", self.model,
-            "--served-model-name", served_model_name,
-            "--host", host,
-            "--port", str(self.port),
-            "--dtype", dtype,
-            "--max-model-len", str(max_model_len),
-            "--max-logprobs", str(max_logprobs),
+            "--model",
+            self.model,
+            "--served-model-name",
+            served_model_name,
+            "--host",
+            host,
+            "--port",
+            str(self.port),
+            "--dtype",
+            dtype,
+            "--max-model-len",
+            str(max_model_len),
+            "--max-logprobs",
+            str(max_logprobs),
             *DEFAULT_FLAGS,
-        ]  # fmt: skip
+        ]
         if max_num_seqs is not None:
             self.args += ["--max-num-seqs", str(max_num_seqs)]
         self.args += list(extra_args)

@@ -3,7 +3,9 @@
 Enable with ``pytest_plugins = ["rollstream.testing.pytest_plugin"]``.
 
 - ``tiny_model_dir``: the tiny model, written once per session.
-- ``vllm_server``: one real vLLM server per session, serving the tiny model.
+- ``vllm_server``: one real vLLM server per session, serving the tiny model
+  with ``--max-num-seqs 8`` so that a few dozen concurrent requests queue for
+  real (the congestion the concurrency tests need).
 
 When vLLM is not installed the engine fixtures skip with the reason, except
 under ``CI=true`` (or ``ROLLSTREAM_REQUIRE_ENGINE=1``), where they fail: CI
@@ -20,6 +22,8 @@ import pytest
 
 from ._model import tiny_model
 from ._server import LocalVLLM, engine_available
+
+SESSION_MAX_NUM_SEQS = 8
 
 
 def engine_required() -> bool:
@@ -48,5 +52,5 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalVLLM]:
     require_engine()
     log = tmp_path_factory.mktemp("vllm-log") / "server.log"
-    with LocalVLLM(tiny_model_dir, log_path=log) as server:
+    with LocalVLLM(tiny_model_dir, log_path=log, max_num_seqs=SESSION_MAX_NUM_SEQS) as server:
         yield server

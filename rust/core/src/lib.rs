@@ -2,10 +2,14 @@
 //!
 //! - [`sse`]: incremental WHATWG Server-Sent-Events framing.
 //! - [`vllm`]: vLLM stream decoding straight into columnar buffers.
+//! - [`aimd`]: the adaptive concurrency window.
+//! - [`http`]: the sampler's streaming HTTP/1.1 data plane (tokio + hyper).
 //! - [`json`]: the strict, allocation-free JSON reader behind [`vllm`].
 //! - [`tokenize`]: tokenizer.json + chat templates, transformers-exact.
 //! - [`npy`]: the `.npy` payloads vLLM uses for routed experts.
 
+pub mod aimd;
+pub mod http;
 pub mod json;
 pub mod npy;
 pub mod sse;

@@ -4,6 +4,7 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod sampling;
 mod streams;
 mod tokenize;
 
@@ -13,5 +14,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<streams::PyStreamDecoder>()?;
     m.add_function(wrap_pyfunction!(streams::decode_stream, m)?)?;
     m.add_class::<tokenize::PyChatTokenizer>()?;
+    m.add_class::<sampling::PyStreamClient>()?;
+    m.add_class::<sampling::PyRequestHandle>()?;
+    m.add_class::<sampling::PyAimd>()?;
+    m.add_function(wrap_pyfunction!(sampling::shutdown_callbacks, m)?)?;
     Ok(())
 }
