@@ -52,7 +52,10 @@ bench-rust:
 	$(CARGO) bench -p rollstream-core
 
 bench-python: setup
-	$(PY) -m pytest benches -p no:cacheprovider -s
+	# fireworks-ai pins a certifi newer than PyPI's mirror here; its decoder and
+	# sampler need only these (benchmarks report it when unavailable).
+	-$(PY) -m pip install -q --no-deps fireworks-ai==1.2.30 distro httpx-aiohttp
+	$(PY) -m pytest benches -p no:cacheprovider
 
 clean:
 	rm -rf target .pytest_cache .mypy_cache .ruff_cache

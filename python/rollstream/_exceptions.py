@@ -181,3 +181,48 @@ class RetriesExhaustedError(SamplingError):
 
 class DeadlineExceededError(SamplingError, TimeoutError):
     """The logical request's total deadline passed (across retries)."""
+
+
+class SnapshotError(RollstreamError):
+    """A snapshot or delta operation failed. ``path`` and ``tensor`` name
+    what it is about, when known. Nothing is written where a result would
+    live when an operation fails."""
+
+    def __init__(self, message: str, path: str | None = None, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.tensor = tensor
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.path, self.tensor))
+
+
+class SnapshotIOError(SnapshotError, OSError):
+    """Reading or writing a snapshot file failed."""
+
+
+class SnapshotCorruptError(SnapshotError):
+    """A file is not a valid safetensors file, delta or manifest (truncated,
+    bad header, offsets outside the file...)."""
+
+
+class TensorMismatchError(SnapshotError, ValueError):
+    """Base and new (or base and delta) disagree on a tensor's presence,
+    dtype or shape."""
+
+
+class ChecksumMismatchError(SnapshotError):
+    """Decoded data does not match its recorded checksum: a corrupted delta,
+    or a delta applied to the wrong base."""
+
+
+class HotloadError(RollstreamError):
+    """Loading weights into a running server failed. The server was resumed
+    (never left paused); ``stage`` names the step that failed."""
+
+    def __init__(self, message: str, stage: str | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.stage))

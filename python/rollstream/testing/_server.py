@@ -27,7 +27,7 @@ __all__ = ["LocalVLLM", "engine_available", "free_port"]
 #: Flags every rollstream deployment gets (see ENGINE-NOTES): exact, processed
 #: logprobs of the distribution actually sampled from; server defaults never
 #: leak into rollouts; per-request queue metrics for AIMD; the token-in /
-#: token-out endpoint.
+#: token-out endpoint; rollstream's worker extension (hot-load fixes).
 DEFAULT_FLAGS: tuple[str, ...] = (
     "--generation-config",
     "vllm",
@@ -35,6 +35,8 @@ DEFAULT_FLAGS: tuple[str, ...] = (
     "processed_logprobs",
     "--enable-per-request-metrics",
     "--enable-scale-out",
+    "--worker-extension-cls",
+    "rollstream.vllm_ext.RollstreamWorkerExtension",
 )
 
 _LIVE: weakref.WeakSet[LocalVLLM] = weakref.WeakSet()

@@ -6,12 +6,14 @@
 //! - [`http`]: the sampler's streaming HTTP/1.1 data plane (tokio + hyper).
 //! - [`json`]: the strict, allocation-free JSON reader behind [`vllm`].
 //! - [`tokenize`]: tokenizer.json + chat templates, transformers-exact.
+//! - [`snapshot`]: checksums, safetensors, arc_v2 and rsd1 delta codecs.
 //! - [`npy`]: the `.npy` payloads vLLM uses for routed experts.
 
 pub mod aimd;
 pub mod http;
 pub mod json;
 pub mod npy;
+pub mod snapshot;
 pub mod sse;
 pub mod tokenize;
 pub mod vllm;

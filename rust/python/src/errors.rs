@@ -19,6 +19,10 @@ exc!(stream_protocol, "StreamProtocolError");
 exc!(template_error, "TemplateError");
 exc!(chat_format_error, "ChatFormatError");
 exc!(tokenizer_error, "TokenizerError");
+exc!(snapshot_io_error, "SnapshotIOError");
+exc!(snapshot_corrupt_error, "SnapshotCorruptError");
+exc!(tensor_mismatch_error, "TensorMismatchError");
+exc!(checksum_mismatch_error, "ChecksumMismatchError");
 
 /// Build an instance of `cls(*args)` as a `PyErr`; if the class cannot be
 /// imported, that import error is returned instead (never a panic).

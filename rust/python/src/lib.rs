@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 
 mod errors;
 mod sampling;
+mod snapshots;
 mod streams;
 mod tokenize;
 
@@ -18,5 +19,14 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<sampling::PyRequestHandle>()?;
     m.add_class::<sampling::PyAimd>()?;
     m.add_function(wrap_pyfunction!(sampling::shutdown_callbacks, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshots::adler32, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshots::xxh3_64, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshots::encode_delta_files, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshots::decode_delta_files, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshots::encode_delta_buffers, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshots::decode_delta_buffers, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshots::write_safetensors, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshots::safetensors_checksums, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshots::encode_delta_from_file, m)?)?;
     Ok(())
 }
