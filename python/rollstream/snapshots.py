@@ -68,7 +68,11 @@ _NUMPY_TO_ST: dict[np.dtype[Any], str] = {
 }
 _ST_TO_NUMPY: dict[str, np.dtype[Any]] = {v: k for k, v in _NUMPY_TO_ST.items()}
 # Types numpy lacks travel as same-width integers.
-_ST_STORAGE: dict[str, np.dtype[Any]] = {"BF16": np.dtype(np.uint16), "F8_E4M3": np.dtype(np.uint8), "F8_E5M2": np.dtype(np.uint8)}
+_ST_STORAGE: dict[str, np.dtype[Any]] = {
+    "BF16": np.dtype(np.uint16),
+    "F8_E4M3": np.dtype(np.uint8),
+    "F8_E5M2": np.dtype(np.uint8),
+}
 _TORCH_NAMES = {
     "bool": "BOOL",
     "uint8": "U8",
