@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, TypeVar
 
+import httpx
 import numpy as np
 import numpy.typing as npt
 
@@ -276,6 +277,11 @@ class DeploymentSampler:
         self._own_transport = transport is None
         self._metrics = SamplerMetrics()
         self._metrics_lock = threading.Lock()
+        self._control: httpx.AsyncClient | None = None
+        #: How sampling masks reach this sampler: "native" (vLLM's
+        #: --return-sampling-mask), "plugin" (rollstream's worker extension),
+        #: or None until the first sample with sampling_mask=True.
+        self.mask_path: str | None = None
 
     def __repr__(self) -> str:
         key = "set" if self._api_key else "none"
@@ -343,6 +349,7 @@ class DeploymentSampler:
         min_p: float | None = None,
         seed: int | None = None,
         stop: Sequence[str | int] | str | int | None = None,
+        sampling_mask: bool = False,
         **extra: Any,
     ) -> list[SampledCompletion]:
         """Sample ``n`` completions of a tokenized prompt.
@@ -351,7 +358,10 @@ class DeploymentSampler:
         (counted in ``metrics.dropped_prompt_too_long``); otherwise
         ``max_tokens`` is clamped to ``max_seq_len - len(prompt)``.
         ``stop`` mixes strings and token ids (ids go to ``stop_token_ids``).
-        Other keyword arguments go into the request body verbatim.
+        ``sampling_mask=True`` attaches the kept token ids of every sampled
+        token (:attr:`SampledCompletion.sampling_mask`; needs top-k or top-p,
+        see :mod:`rollstream.masks`). Other keyword arguments go into the
+        request body verbatim.
         """
         prompt = self._check_prompt(prompt_token_ids)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -360,6 +370,11 @@ class DeploymentSampler:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
         if top_logprobs < 0:
             raise ValueError(f"top_logprobs must be >= 0, got {top_logprobs}")
+        if sampling_mask and (temperature == 0 or ((top_k in (None, 0, -1)) and (top_p in (None, 1.0)))):
+            raise ValueError(
+                "sampling_mask=True needs truncated sampling (temperature > 0 with top_k or top_p): "
+                "without truncation the support is the whole vocabulary and there is no mask to apply"
+            )
         self._count(requests=1)
         if max_seq_len is not None:
             if len(prompt) >= max_seq_len:
@@ -395,7 +410,9 @@ class DeploymentSampler:
             if seed is not None:
                 p["seed"] = seed + i
             body = self._body(prompt, p, want_logprobs, top_logprobs, echo, extra)
-            return await self._sample_one(prompt, body, f"{logical_id}-{i}", deadline, echo, want_logprobs)
+            return await self._sample_one(
+                prompt, body, f"{logical_id}-{i}", deadline, echo, want_logprobs, sampling_mask
+            )
 
         completions = await self._gather_all([one(i) for i in range(n)], logical_id)
         kept = []
@@ -451,6 +468,9 @@ class DeploymentSampler:
         return _run_sync(self.sample_batch(list_of_messages, **kwargs))
 
     async def aclose(self) -> None:
+        if self._control is not None:
+            await self._control.aclose()
+            self._control = None
         if self._own_transport:
             await self._transport.aclose()
 
@@ -573,6 +593,79 @@ class DeploymentSampler:
             raise first.with_context(msg, completed=completed) from first
         raise SamplingError(msg, request_id=f"{logical_id}-{index}", completed=completed) from first
 
+    def _mask_flag(self, body: dict[str, Any], key: str) -> dict[str, Any]:
+        """The body with the mask-capture key (a fresh one per attempt, so a
+        retried request never mixes rows of two attempts)."""
+        body = dict(body)
+        if self.endpoint == "completions":
+            body["vllm_xargs"] = {**body.get("vllm_xargs", {}), "rollstream_mask_id": key}
+        else:
+            sp = dict(body["sampling_params"])
+            sp["extra_args"] = {**(sp.get("extra_args") or {}), "rollstream_mask_id": key}
+            body["sampling_params"] = sp
+        return body
+
+    async def _take_mask(self, key: str, request_id: str) -> SamplingMask:
+        import base64
+
+        if self._control is None:
+            headers = {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+            self._control = httpx.AsyncClient(base_url=self.inference_url, timeout=60.0, headers=headers)
+        try:
+            r = await self._control.post(
+                "/collective_rpc",
+                json={"method": "rollstream_take_sampling_masks", "kwargs": {"keys": [key]}},
+            )
+        except httpx.HTTPError as e:
+            raise SamplingError(
+                f"fetching the sampling mask of {request_id} failed: {e!r}", request_id=request_id
+            ) from e
+        if r.status_code >= 300:
+            raise SamplingError(
+                f"the server returned no sampling mask for {request_id} and cannot provide one (HTTP "
+                f"{r.status_code}: {_server_message(r.text)}). On vLLM's V1 runner (e.g. the CPU build) "
+                "start it with --worker-extension-cls rollstream.vllm_ext.RollstreamWorkerExtension and "
+                "VLLM_SERVER_DEV_MODE=1; on GPU, --return-sampling-mask with endpoint='generate'",
+                request_id=request_id,
+            )
+        entry = (r.json().get("results") or [{}])[0].get(key)
+        if entry is None:
+            raise SamplingError(
+                f"the server recorded no sampling mask for {request_id}", request_id=request_id
+            )
+        if entry["untruncated_rows"]:
+            raise SamplingError(
+                f"{entry['untruncated_rows']} tokens of {request_id} were sampled without truncation "
+                "(no top-k/top-p in effect): there is no mask to apply",
+                request_id=request_id,
+            )
+        ids = np.frombuffer(base64.b64decode(entry["token_ids"]), dtype=np.int32)
+        offsets = np.frombuffer(base64.b64decode(entry["offsets"]), dtype=np.int64)
+        self.mask_path = self.mask_path or "plugin"
+        return SamplingMask(ids, offsets)
+
+    async def _attach_mask(self, c: SampledCompletion, key: str) -> SampledCompletion:
+        if c.sampling_mask is not None:
+            self.mask_path = self.mask_path or "native"
+            mask = c.sampling_mask
+        else:
+            mask = await self._take_mask(key, c.request_id or key)
+        if mask.rows < c.completion_len:
+            raise SamplingError(
+                f"sampling mask of {c.request_id} has {mask.rows} rows for {c.completion_len} tokens",
+                request_id=c.request_id,
+            )
+        if mask.rows > c.completion_len:
+            # Tokens sampled but not returned (a stop string cut them off).
+            end = c.completion_len
+            mask = SamplingMask(mask.token_ids[: mask.offsets[end]], mask.offsets[: end + 1])
+        if not mask.contains(c.completion_ids).all():
+            raise SamplingError(
+                f"sampling mask of {c.request_id} does not contain its sampled tokens",
+                request_id=c.request_id,
+            )
+        return replace(c, sampling_mask=mask)
+
     async def _sample_one(
         self,
         prompt: list[int],
@@ -581,6 +674,7 @@ class DeploymentSampler:
         deadline: float,
         echo: bool,
         want_lp: bool,
+        want_mask: bool = False,
     ) -> SampledCompletion:
         payload = json.dumps(body, separators=(",", ":")).encode()
         headers = self._request_headers(request_id)
@@ -594,6 +688,9 @@ class DeploymentSampler:
                     f"{attempt} attempts" + (f" (last error: {last})" if last else ""),
                     request_id=request_id,
                 )
+            mask_key = f"{request_id}.{attempt}"
+            if want_mask:
+                payload = json.dumps(self._mask_flag(body, mask_key), separators=(",", ":")).encode()
             await controller.acquire()
             try:
                 self._count(attempts=1)
@@ -623,6 +720,8 @@ class DeploymentSampler:
                 )
                 await asyncio.sleep(delay)  # no slot held while sleeping
                 continue
+            if want_mask:
+                completion = await self._attach_mask(completion, mask_key)
             return completion
         raise RetriesExhaustedError(
             f"request {request_id} failed after {self.retry.max_attempts} attempts; last error: {last}",

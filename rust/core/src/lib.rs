@@ -4,6 +4,7 @@
 //! - [`vllm`]: vLLM stream decoding straight into columnar buffers.
 //! - [`aimd`]: the adaptive concurrency window.
 //! - [`http`]: the sampler's streaming HTTP/1.1 data plane (tokio + hyper).
+//! - [`masks`]: applying sampling masks to logits.
 //! - [`json`]: the strict, allocation-free JSON reader behind [`vllm`].
 //! - [`tokenize`]: tokenizer.json + chat templates, transformers-exact.
 //! - [`snapshot`]: checksums, safetensors, arc_v2 and rsd1 delta codecs.
@@ -12,6 +13,7 @@
 pub mod aimd;
 pub mod http;
 pub mod json;
+pub mod masks;
 pub mod npy;
 pub mod snapshot;
 pub mod sse;

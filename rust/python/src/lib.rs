@@ -4,6 +4,7 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod masks;
 mod sampling;
 mod snapshots;
 mod streams;
@@ -19,6 +20,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<sampling::PyRequestHandle>()?;
     m.add_class::<sampling::PyAimd>()?;
     m.add_function(wrap_pyfunction!(sampling::shutdown_callbacks, m)?)?;
+    m.add_function(wrap_pyfunction!(masks::apply_mask_inplace, m)?)?;
+    m.add_function(wrap_pyfunction!(masks::mask_to_dense, m)?)?;
     m.add_function(wrap_pyfunction!(snapshots::adler32, m)?)?;
     m.add_function(wrap_pyfunction!(snapshots::xxh3_64, m)?)?;
     m.add_function(wrap_pyfunction!(snapshots::encode_delta_files, m)?)?;

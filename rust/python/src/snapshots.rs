@@ -242,10 +242,7 @@ type TensorSums = (String, Vec<usize>, u32, u64);
 
 /// `{name: (dtype, shape, adler32, xxh3)}` of every tensor in a safetensors file.
 #[pyfunction]
-pub fn safetensors_checksums(
-    py: Python<'_>,
-    path: PathBuf,
-) -> PyResult<BTreeMap<String, TensorSums>> {
+pub fn safetensors_checksums(py: Python<'_>, path: PathBuf) -> PyResult<BTreeMap<String, TensorSums>> {
     use rayon::prelude::*;
     use rollstream_core::snapshot::safetensors::SafeTensors;
     py.detach(|| {
