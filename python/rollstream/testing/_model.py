@@ -306,9 +306,11 @@ def _generation_config() -> dict[str, Any]:
 
 
 def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, np.ndarray]) -> None:
-    from safetensors.numpy import save_file
+    """float32 tensors to a safetensors file (rollstream's own writer)."""
+    from .. import _core
 
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    parts = [(name, "F32", list(t.shape), np.ascontiguousarray(t, dtype=np.float32)) for name, t in tensors.items()]
+    _core.write_safetensors(path, parts, {"format": "pt"})
 
 
 def tiny_model(path: str | os.PathLike[str], seed: int = 0) -> Path:
