@@ -29,8 +29,10 @@ def perturbed(weights: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray
     """Every tensor changes, embeddings included (a large step so that a stale
     LM head is unmistakable)."""
     rng = np.random.default_rng(seed)
-    return {k: (v + 0.3 * v.std() * rng.standard_normal(v.shape).astype(np.float32)).astype(np.float32)
-            for k, v in weights.items()}  # fmt: skip
+    return {
+        k: (v + 0.3 * v.std() * rng.standard_normal(v.shape).astype(np.float32)).astype(np.float32)
+        for k, v in weights.items()
+    }
 
 
 def max_logprob_error(server: LocalVLLM, tok: ChatTokenizer, model_dir: Path) -> tuple[float, str | None]:

@@ -203,9 +203,15 @@ def _torch_keep_mask(
         untouched[
             (b, slice(start, start + mask.rows)) if len(shape) == 3 else slice(start, start + mask.rows)
         ] = False
-    idx = torch.from_numpy(np.stack([np.concatenate(b_idx or [np.zeros(0, np.int64)]),
-                                     np.concatenate(r_idx or [np.zeros(0, np.int64)]),
-                                     np.concatenate(c_idx or [np.zeros(0, np.int64)])]))  # fmt: skip
+    idx = torch.from_numpy(
+        np.stack(
+            [
+                np.concatenate(b_idx or [np.zeros(0, np.int64)]),
+                np.concatenate(r_idx or [np.zeros(0, np.int64)]),
+                np.concatenate(c_idx or [np.zeros(0, np.int64)]),
+            ]
+        )
+    )
     idx = idx.to(device, non_blocking=True)
     keep_mask = torch.zeros(shape, dtype=torch.bool, device=device)
     if len(shape) == 3:
@@ -292,8 +298,9 @@ def _apply_torch(logits: Any, mask: Any, start: Any, fill: float, keep: Any, inp
             if m is not None:
                 _apply_torch_kernel(out[b] if out.dim() == 3 else out, m, s, fill, k)
         return out
-    keep_mask = _torch_keep_mask(tuple(logits.shape), [(b, m, s, k) for b, m, s, k in seqs if m is not None],
-                                 logits.device)  # fmt: skip
+    keep_mask = _torch_keep_mask(
+        tuple(logits.shape), [(b, m, s, k) for b, m, s, k in seqs if m is not None], logits.device
+    )
     if inplace:
         return logits.masked_fill_(~keep_mask, fill)
     return logits.masked_fill(~keep_mask, fill)

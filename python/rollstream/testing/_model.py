@@ -309,7 +309,7 @@ def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, np.ndarra
     """float32 tensors to a safetensors file (rollstream's own writer)."""
     from .. import _core
 
-    parts = [(name, "F32", list(t.shape), np.ascontiguousarray(t, dtype=np.float32)) for name, t in tensors.items()]
+    parts = [(n, "F32", list(t.shape), np.ascontiguousarray(t, dtype=np.float32)) for n, t in tensors.items()]
     _core.write_safetensors(path, parts, {"format": "pt"})
 
 
