@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 
 from rollstream import EngineStartError
 from rollstream.testing import LocalVLLM, TinyModelSpec, tiny_model
+from rollstream.testing._supervise import group_members
 from rollstream.testing.pytest_plugin import require_engine
 
 
@@ -117,26 +117,12 @@ def test_local_vllm_start_failure_reports_log_tail(tmp_path: Path) -> None:
     assert not server.running
     assert server.pid is None
     assert server.pgid is not None
-    assert _group_members(server.pgid) == [], "engine processes outlived a failed start"
-
-
-def _group_members(pgid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != b"Z":
-                out.append(int(entry))
-    return out
+    assert group_members(server.pgid) == [], "engine processes outlived a failed start"
 
 
 def test_session_server_runs_in_its_own_process_group(vllm_server: LocalVLLM) -> None:
     assert vllm_server.running
     assert vllm_server.pgid == vllm_server.pid
-    members = _group_members(vllm_server.pgid)
+    members = group_members(vllm_server.pgid)
     # supervisor + api server + engine core (at least)
     assert len(members) >= 3, members

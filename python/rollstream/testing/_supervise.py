@@ -35,10 +35,11 @@ def _kill_group(grace: float) -> None:
     os.killpg(pgid, signal.SIGKILL)
 
 
-def _others_alive(pgid: int) -> bool:
-    me = os.getpid()
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid``."""
+    out = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
+        if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as f:
@@ -47,8 +48,12 @@ def _others_alive(pgid: int) -> bool:
             continue
         # fields: state ppid pgrp ...; zombies are already dead.
         if int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
-    return False
+            out.append(int(entry))
+    return out
+
+
+def _others_alive(pgid: int) -> bool:
+    return any(pid != os.getpid() for pid in group_members(pgid))
 
 
 def main(argv: list[str]) -> int:

@@ -177,11 +177,17 @@ fn parse_shape(src: &str) -> Result<Vec<usize>, NpyError> {
         .collect()
 }
 
+/// A `.npy` image (format 1.0) for tests of this and other modules.
+#[cfg(test)]
+pub(crate) fn npy_for_tests(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+    tests::npy(descr, shape, data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+    pub(super) fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
         let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
         while (10 + header.len() + 1) % 64 != 0 {
             header.push(' ');

@@ -1259,18 +1259,12 @@ mod tests {
     #[test]
     fn routed_experts_rows_concatenate() {
         fn npy_b64(rows: usize) -> String {
-            let mut header = format!("{{'descr': '<i4', 'fortran_order': False, 'shape': ({rows}, 2), }}");
-            while (10 + header.len() + 1) % 64 != 0 {
-                header.push(' ');
-            }
-            header.push('\n');
-            let mut out = b"\x93NUMPY\x01\x00".to_vec();
-            out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-            out.extend_from_slice(header.as_bytes());
-            for v in 0..(rows * 2) as i32 {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-            base64::engine::general_purpose::STANDARD.encode(out)
+            let data: Vec<u8> = (0..(rows * 2) as i32).flat_map(|v| v.to_le_bytes()).collect();
+            base64::engine::general_purpose::STANDARD.encode(crate::npy::npy_for_tests(
+                "<i4",
+                &format!("({rows}, 2)"),
+                &data,
+            ))
         }
         let e1 = format!(r#"{{"choices":[{{"index":0,"token_ids":[1],"routed_experts":"{}"}}]}}"#, npy_b64(1));
         let e2 = format!(r#"{{"choices":[{{"index":0,"token_ids":[2,3],"routed_experts":"{}"}}]}}"#, npy_b64(2));
