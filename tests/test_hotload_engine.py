@@ -103,7 +103,7 @@ def test_delta_hotload_serves_the_new_weights(
 
 
 def test_hotload_failures_name_the_stage_and_resume(
-    vllm_server: LocalVLLM, tiny_model_dir: Path, tmp_path: Path
+    vllm_server: LocalVLLM, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(HotloadError) as info:
@@ -117,9 +117,33 @@ def test_hotload_failures_name_the_stage_and_resume(
     with pytest.raises(HotloadError, match="does not match the served checkpoint") as info:
         hotload(vllm_server.url, bogus, "bogus", reference_dir=tiny_model_dir)
     assert info.value.stage == "check"
-    # A failure after the pause (a path the server cannot read): resumed.
-    with pytest.raises(HotloadError) as info:
+    # Without a local reference the server itself compares it with what it serves.
+    with pytest.raises(HotloadError, match="does not match the served checkpoint") as info:
+        hotload(vllm_server.url, bogus, "bogus")
+    assert info.value.stage == "check"
+    # A path that exists only in the client's imagination is refused by the
+    # server's own check (its reload would kill the engine).
+    with pytest.raises(HotloadError, match="not a directory on the server's host") as info:
         hotload(vllm_server.url, "/nonexistent-rollstream-snapshot", "nope")
-    assert info.value.stage == "reload"
+    assert info.value.stage == "check"
+    assert httpx.get(vllm_server.url + "/health").status_code == 200
+
+    # A failure after the pause (the weight-version call fails): the server is
+    # resumed, the error names the stage, and the engine stays healthy.
+    real_post = httpx.Client.post
+
+    def failing_post(self: httpx.Client, url: Any, **kw: Any) -> httpx.Response:
+        if str(url).endswith("/update_weight_version"):
+            raise httpx.ConnectError("injected failure")
+        return real_post(self, url, **kw)
+
+    monkeypatch.setattr(httpx.Client, "post", failing_post)
+    with pytest.raises(HotloadError, match="injected failure") as info:
+        hotload(vllm_server.url, tiny_model_dir, "same-weights")
+    monkeypatch.undo()
+    assert info.value.stage == "update_weight_version"
+    assert "restart" not in str(info.value)
     assert httpx.get(vllm_server.url + "/is_paused").json()["is_paused"] is False, "never left paused"
     assert httpx.get(vllm_server.url + "/health").status_code == 200
+    err, _ = max_logprob_error(vllm_server, ChatTokenizer.from_pretrained(tiny_model_dir), tiny_model_dir)
+    assert err < 1e-4, "the reloaded (identical) weights serve correctly"

@@ -21,6 +21,8 @@ from rollstream import (
     RetryPolicy,
     SamplingError,
 )
+from rollstream._exceptions import HotloadError
+from rollstream.snapshots import hotload
 from rollstream.testing import LocalVLLM
 
 pytestmark = pytest.mark.engine
@@ -285,3 +287,7 @@ def test_server_killed_mid_batch_fails_cleanly(
     ids = [c.request_id for c in err.completed]
     assert len(ids) == len(set(ids)), "nothing returned twice"
     assert s.metrics.retries >= 1
+    # Hot-loading into the dead server fails up front, naming it.
+    with pytest.raises(HotloadError, match="unreachable") as hl:
+        hotload(doomed.url, tiny_model_dir, "after-death")
+    assert hl.value.stage == "check"

@@ -573,7 +573,10 @@ def _extension_info(client: httpx.Client, timeout: float) -> dict[str, Any] | No
     return results[0] if results and isinstance(results[0], dict) else None
 
 
-def _headers(weights_dir: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+def safetensors_headers(weights_dir: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{tensor name: (dtype, shape)}`` over every ``*.safetensors`` file in
+    ``weights_dir``, read from the headers only. Raises
+    :class:`SnapshotCorruptError` on an unreadable header."""
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for f in sorted(weights_dir.glob("*.safetensors")):
         with open(f, "rb") as fh:
@@ -584,18 +587,26 @@ def _headers(weights_dir: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
                 header = json.loads(fh.read(n))
             except ValueError as e:
                 raise SnapshotCorruptError(f"{f}: unreadable safetensors header: {e}", path=str(f)) from e
+        if not isinstance(header, dict):
+            raise SnapshotCorruptError(f"{f}: safetensors header is not a JSON object", path=str(f))
         for k, v in header.items():
-            if k != "__metadata__":
-                out[k] = (v["dtype"], tuple(v["shape"]))
+            if k == "__metadata__":
+                continue
+            try:
+                out[k] = (str(v["dtype"]), tuple(int(d) for d in v["shape"]))
+            except (KeyError, TypeError, ValueError) as e:
+                raise SnapshotCorruptError(
+                    f"{f}: tensor {k!r} has a malformed header entry {v!r}", path=str(f)
+                ) from e
     return out
 
 
 def _preflight(weights: Path, reference: Path | None) -> dict[str, tuple[str, tuple[int, ...]]]:
     if not any(weights.glob("*.safetensors")):
         raise HotloadError(f"{weights} holds no *.safetensors files", stage="check")
-    headers = _headers(weights)
+    headers = safetensors_headers(weights)
     if reference is not None:
-        ref = _headers(reference)
+        ref = safetensors_headers(reference)
         if headers != ref:
             diff = sorted(set(headers.items()) ^ set(ref.items()))[:3]
             raise HotloadError(
@@ -604,6 +615,20 @@ def _preflight(weights: Path, reference: Path | None) -> dict[str, tuple[str, tu
                 stage="check",
             )
     return headers
+
+
+def _health_note(client: httpx.Client) -> str:
+    """'' when the server answers /health, else a note that the engine died
+    (vLLM's engine core can die on a failed reload, a few seconds later)."""
+    for _ in range(5):
+        try:
+            r = client.get("/health", timeout=10.0)
+        except httpx.HTTPError as e:
+            return f"; the server no longer answers /health ({e!r}): restart it"
+        if r.status_code != 200:
+            return f"; the server's engine is dead (/health answered HTTP {r.status_code}): restart it"
+        time.sleep(1.0)
+    return ""
 
 
 def hotload(
@@ -645,6 +670,18 @@ def hotload(
     auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
     t0 = time.perf_counter()
     with httpx.Client(base_url=server_url.rstrip("/"), timeout=timeout, headers=auth) as client:
+        try:
+            health = client.get("/health", timeout=min(timeout, 30.0))
+        except httpx.HTTPError as e:
+            raise HotloadError(
+                f"server {server_url} is unreachable ({e!r}); nothing was changed", stage="check"
+            ) from e
+        if health.status_code != 200:
+            raise HotloadError(
+                f"server {server_url} is unhealthy (/health answered HTTP {health.status_code}); "
+                "nothing was changed",
+                stage="check",
+            )
         info = _extension_info(client, timeout)
         tied = retie_embeddings
         if tied is None:
@@ -666,9 +703,20 @@ def hotload(
                 stage="check",
             )
         report: dict[str, Any] = {"version": version}
+        target = str(weights.resolve()) if local else str(weights)
+        if info is not None:
+            # The server checks the path on its own host: a reload of a missing
+            # or mismatched checkpoint kills vLLM 0.32's engine.
+            verdict = _rpc(client, "check", "rollstream_check_checkpoint", timeout, path=target)
+            first = verdict[0] if verdict and isinstance(verdict[0], dict) else {}
+            if not first.get("ok"):
+                raise HotloadError(
+                    f"server refused {target}: {first.get('reason', verdict)}; nothing was changed",
+                    stage="check",
+                )
+            report["check"] = first.get("reason")
         _post(client, "pause", "/pause", params={"mode": "keep"})
         try:
-            target = str(weights.resolve()) if local else str(weights)
             _rpc(client, "reload", "reload_weights", timeout, weights_path=target)
             if tied:
                 report["retie"] = _rpc(client, "retie", "rollstream_retie_embeddings", timeout)
@@ -681,7 +729,12 @@ def hotload(
             try:
                 _post(client, "resume", "/resume")
             except HotloadError as r:
-                raise HotloadError(f"{e}; resuming the server also failed: {r}", stage=e.stage) from e
+                raise HotloadError(
+                    f"{e}; resuming the server also failed: {r}{_health_note(client)}", stage=e.stage
+                ) from e
+            note = _health_note(client)
+            if note:
+                raise HotloadError(f"{e}{note}", stage=e.stage) from e
             raise
         _post(client, "resume", "/resume")
         served = client.get("/weight_info").json().get("weight_version")

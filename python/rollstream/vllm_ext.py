@@ -5,6 +5,10 @@ Its methods are called through vLLM's ``/collective_rpc`` (dev mode):
 
 - ``rollstream_ping`` / ``rollstream_model_info``: tell the client the
   extension is present, and whether the model ties its embeddings;
+- ``rollstream_check_checkpoint(path)``: before a hot-load, check on the
+  server's own host that ``path`` holds safetensors whose tensor names,
+  dtypes and shapes equal the served checkpoint's (vLLM 0.32's engine dies
+  on a ``reload_weights`` of a missing or mismatched checkpoint);
 - ``rollstream_retie_embeddings``: after ``reload_weights``, point a
   tied-embedding model's LM head at the new embeddings again and rebuild the
   head's GEMM dispatch (vLLM 0.32's layerwise reload restores the head's old
@@ -222,6 +226,40 @@ class RollstreamWorkerExtension:
             "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
             "architecture": type(model).__name__,
         }
+
+    def rollstream_check_checkpoint(self, path: str) -> dict[str, Any]:
+        """Whether ``reload_weights(weights_path=path)`` is safe: ``{"ok": bool,
+        "reason": str}``. Runs on the server's host, so it sees the same
+        filesystem the reload will."""
+        from pathlib import Path
+
+        from .snapshots import safetensors_headers
+
+        weights = Path(path)
+        if not weights.is_dir():
+            return {"ok": False, "reason": f"{path} is not a directory on the server's host"}
+        try:
+            new = safetensors_headers(weights)
+        except Exception as e:  # reported to the client, never raised in the engine
+            return {"ok": False, "reason": f"{path}: {e}"}
+        if not new:
+            return {"ok": False, "reason": f"{path} holds no *.safetensors files"}
+        model_config = getattr(getattr(self, "vllm_config", None), "model_config", None)
+        served_dir = Path(str(getattr(model_config, "model", "")))
+        if not getattr(model_config, "model", None) or not served_dir.is_dir():
+            return {"ok": True, "reason": "served model is not a local directory; tensors not compared"}
+        try:
+            served = safetensors_headers(served_dir)
+        except Exception as e:
+            return {"ok": True, "reason": f"served checkpoint unreadable ({e}); tensors not compared"}
+        if served and new != served:
+            diff = sorted(set(new.items()) ^ set(served.items()))[:3]
+            return {
+                "ok": False,
+                "reason": f"{path} does not match the served checkpoint's tensors (names, dtypes, shapes); "
+                f"first differences: {diff}",
+            }
+        return {"ok": True, "reason": f"{len(new)} tensors match the served checkpoint"}
 
     def rollstream_retie_embeddings(self) -> dict[str, Any]:
         import torch
