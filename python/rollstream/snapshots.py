@@ -649,10 +649,15 @@ def hotload(
     is recomputed), set the weight version, resume. The server is resumed
     whatever happens; a failure raises :class:`HotloadError` naming the stage.
 
-    ``snapshot_dir`` is a path *on the server's host*. When it also exists
-    locally it is checked first (safetensors present; with ``reference_dir``,
-    the same tensor names, dtypes and shapes as the served checkpoint, since
-    vLLM can die on a checkpoint that does not fit the model).
+    ``snapshot_dir`` is a path *on the server's host*. vLLM 0.32's engine
+    dies on a ``reload_weights`` of a missing checkpoint or one that does not
+    fit the model, so nothing is paused before it is checked: an unreachable
+    or unhealthy server is refused; when the path also exists locally its
+    safetensors headers are read (with ``reference_dir``, compared with the
+    served checkpoint's tensor names, dtypes and shapes); and rollstream's
+    worker extension checks the path on the server's own host against the
+    checkpoint it serves. A failure after the pause resumes the server and,
+    when the engine died anyway, says so (restart the server).
 
     vLLM 0.32 reloads a tied-embedding model's embeddings but leaves its LM
     head on the old weights, silently. ``retie_embeddings`` (default: when
