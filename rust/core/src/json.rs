@@ -604,6 +604,27 @@ impl<'a> Reader<'a> {
     pub fn i64(&mut self) -> Result<i64> {
         self.ws();
         let start = self.pos;
+        // Fast path: a plain integer of up to 18 digits (token ids, ranks,
+        // indices), accumulated while scanning instead of re-parsed.
+        let buf = self.buf;
+        let mut p = start;
+        let neg = buf.get(p) == Some(&b'-');
+        p += usize::from(neg);
+        let digits_start = p;
+        let mut v: i64 = 0;
+        while let Some(&d @ b'0'..=b'9') = buf.get(p) {
+            if p - digits_start == 18 {
+                break;
+            }
+            v = v * 10 + i64::from(d - b'0');
+            p += 1;
+        }
+        let n = p - digits_start;
+        let leading_zero = n > 1 && buf[digits_start] == b'0';
+        if n > 0 && !leading_zero && !matches!(buf.get(p), Some(b'0'..=b'9' | b'.' | b'e' | b'E')) {
+            self.pos = p;
+            return Ok(if neg { -v } else { v });
+        }
         let text = self.number_text()?;
         text.parse::<i64>().map_err(|_| JsonError {
             pos: start,
@@ -716,6 +737,33 @@ mod tests {
         assert!(Reader::new(b"-1").u32().is_err());
         assert!(Reader::new(b"1.5").u32().is_err());
         assert!(Reader::new(b"99999999999999999999999").i64().is_err());
+        for (text, want) in [
+            (&b"0"[..], 0),
+            (b"-0", 0),
+            (b"-45", -45),
+            (b"999999999999999999", 999_999_999_999_999_999),
+            (b"9223372036854775807", i64::MAX),
+            (b"-9223372036854775808", i64::MIN),
+        ] {
+            let mut r = Reader::new(text);
+            assert_eq!(r.i64().unwrap(), want, "{}", String::from_utf8_lossy(text));
+            r.end().unwrap();
+        }
+        assert!(Reader::new(b"9223372036854775808").i64().is_err());
+        assert!(Reader::new(b"2e3").i64().is_err());
+        assert!(Reader::new(b"-").i64().is_err());
+        let mut r = Reader::new(b"01");
+        assert!(r.i64().and_then(|_| r.end()).is_err(), "a leading zero is not an integer");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn i64_matches_std(x in proptest::num::i64::ANY) {
+            let text = x.to_string();
+            let mut r = Reader::new(text.as_bytes());
+            proptest::prop_assert_eq!(r.i64().unwrap(), x);
+            proptest::prop_assert!(r.end().is_ok());
+        }
     }
 
     proptest::proptest! {
