@@ -48,16 +48,18 @@ static SPECIAL: [bool; 256] = {
 const LO: u64 = 0x0101_0101_0101_0101;
 const HI: u64 = 0x8080_8080_8080_8080;
 
-/// Whether any byte of `w` is '"', '\\', a control byte (< 0x20) or non-ASCII.
-/// May report false positives (the caller then steps byte by byte), never
-/// false negatives.
+/// Bit 7 of byte k is set when byte k of the 8 little-endian bytes in `w`
+/// is special in a string ('"', '\\', a control byte or a non-ASCII byte).
+/// Flags above the first special byte may be false (a borrow carries into
+/// them), the lowest flag never is: `trailing_zeros / 8` is the position of
+/// the first special byte.
 #[inline]
-fn swar_special(w: u64) -> bool {
+fn special_mask(w: u64) -> u64 {
     let has_zero = |v: u64| v.wrapping_sub(LO) & !v & HI;
     let quote = has_zero(w ^ (LO * u64::from(b'"')));
     let backslash = has_zero(w ^ (LO * u64::from(b'\\')));
     let control = w.wrapping_sub(LO * 0x20) & !w & HI;
-    (quote | backslash | control | (w & HI)) != 0
+    quote | backslash | control | (w & HI)
 }
 
 const POW10_F64: [f64; 23] = [
@@ -301,23 +303,18 @@ impl<'a> Reader<'a> {
         let mut i = start;
         let mut ascii = true;
         loop {
-            // Most strings (keys, token pieces) are short: step bytes through a
-            // table first, switch to words only for long runs.
-            let stop = (i + 16).min(buf.len());
-            while i < stop && !SPECIAL[usize::from(buf[i])] {
-                i += 1;
+            // Eight bytes at a time; the first special byte ends the run.
+            while let Some(w) = buf.get(i..i + 8) {
+                let m = special_mask(u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]));
+                if m != 0 {
+                    i += (m.trailing_zeros() / 8) as usize;
+                    break;
+                }
+                i += 8;
             }
-            if i == stop {
-                while let Some(w) = buf.get(i..i + 8) {
-                    let w = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-                    if swar_special(w) {
-                        break;
-                    }
-                    i += 8;
-                }
-                while i < buf.len() && !SPECIAL[usize::from(buf[i])] {
-                    i += 1;
-                }
+            // The last few bytes of the buffer (a no-op after a break above).
+            while i < buf.len() && !SPECIAL[usize::from(buf[i])] {
+                i += 1;
             }
             let Some(&b) = buf.get(i) else {
                 self.pos = buf.len();
@@ -756,7 +753,35 @@ mod tests {
         assert!(r.i64().and_then(|_| r.end()).is_err(), "a leading zero is not an integer");
     }
 
+    /// JSON text of `s`: escapes for '"', '\\' and control bytes, the rest raw.
+    fn json_quote(s: &str) -> String {
+        let mut out = String::from("\"");
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+
     proptest::proptest! {
+        #[test]
+        fn strings_round_trip(s in "(\\PC|[\"\\\\\\x00-\\x1f]|[a-z ]{0,20}){0,40}") {
+            // Every position of every kind of special byte, in and across 8-byte words.
+            let text = json_quote(&s);
+            let mut r = Reader::new(text.as_bytes());
+            proptest::prop_assert_eq!(r.string().unwrap(), s.as_str());
+            proptest::prop_assert!(r.end().is_ok());
+            // Cut short anywhere: an error, never a wrong string or a panic.
+            for cut in 0..text.len() {
+                proptest::prop_assert!(Reader::new(&text.as_bytes()[..cut]).string().is_err());
+            }
+        }
+
         #[test]
         fn i64_matches_std(x in proptest::num::i64::ANY) {
             let text = x.to_string();
