@@ -46,6 +46,7 @@ __all__ = [
     "encode_delta",
     "encode_delta_tensors",
     "hotload",
+    "safetensors_headers",
     "xxh3_64",
 ]
 
