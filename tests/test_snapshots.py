@@ -282,3 +282,31 @@ def test_chain_never_sends_a_delta_without_a_loaded_base(tmp_path: Path) -> None
     assert chain.save("s3", checkpoint(3, step=0.1)).parent == "s1"
     fresh = SnapshotChain(SnapshotStore(tmp_path))
     assert fresh.save("s4", checkpoint(4, step=0.1), checkpoint_type="delta").kind == "full"
+
+
+def _raw_safetensors(path: Path, header: bytes, data: bytes = b"") -> None:
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+def test_safetensors_headers_read_names_dtypes_shapes_and_reject_malformed(tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    good.mkdir()
+    _raw_safetensors(
+        good / "model.safetensors",
+        b'{"__metadata__":{"x":"1"},"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}}',
+        bytes(24),
+    )
+    assert snapshots.safetensors_headers(good) == {"w": ("F32", (2, 3))}
+    for name, header in [
+        ("not-json", b"{nope"),
+        ("not-object", b"[1,2]"),
+        ("no-shape", b'{"w":{"dtype":"F32","data_offsets":[0,0]}}'),
+        ("bad-shape", b'{"w":{"dtype":"F32","shape":["x"],"data_offsets":[0,0]}}'),
+    ]:
+        d = tmp_path / name
+        d.mkdir()
+        _raw_safetensors(d / "model.safetensors", header)
+        with pytest.raises(SnapshotCorruptError, match=r"model\.safetensors") as info:
+            snapshots.safetensors_headers(d)
+        if name in ("no-shape", "bad-shape"):
+            assert "'w'" in str(info.value), "the malformed tensor is named"

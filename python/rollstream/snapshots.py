@@ -602,18 +602,32 @@ def safetensors_headers(weights_dir: Path) -> dict[str, tuple[str, tuple[int, ..
     return out
 
 
+def _tensor_mismatch(
+    weights: Path,
+    headers: dict[str, tuple[str, tuple[int, ...]]],
+    served: dict[str, tuple[str, tuple[int, ...]]],
+) -> str | None:
+    """Why ``weights`` (its :func:`safetensors_headers`) cannot replace the
+    served checkpoint, or None when names, dtypes and shapes all agree. Used
+    on the client and, through the worker extension, on the server's host."""
+    if headers == served:
+        return None
+    diff = sorted(set(headers.items()) ^ set(served.items()))[:3]
+    return (
+        f"{weights} does not match the served checkpoint's tensors (names, dtypes, shapes); "
+        f"first differences: {diff}"
+    )
+
+
 def _preflight(weights: Path, reference: Path | None) -> dict[str, tuple[str, tuple[int, ...]]]:
     if not any(weights.glob("*.safetensors")):
         raise HotloadError(f"{weights} holds no *.safetensors files", stage="check")
     headers = safetensors_headers(weights)
     if reference is not None:
-        ref = safetensors_headers(reference)
-        if headers != ref:
-            diff = sorted(set(headers.items()) ^ set(ref.items()))[:3]
+        problem = _tensor_mismatch(weights, headers, safetensors_headers(reference))
+        if problem:
             raise HotloadError(
-                f"{weights} does not match the served checkpoint's tensors (names, dtypes, shapes); "
-                f"first differences: {diff}. Reloading it could break the engine; nothing was changed",
-                stage="check",
+                f"{problem}. Reloading it could break the engine; nothing was changed", stage="check"
             )
     return headers
 

@@ -233,7 +233,7 @@ class RollstreamWorkerExtension:
         filesystem the reload will."""
         from pathlib import Path
 
-        from .snapshots import safetensors_headers
+        from .snapshots import _tensor_mismatch, safetensors_headers
 
         weights = Path(path)
         if not weights.is_dir():
@@ -252,13 +252,9 @@ class RollstreamWorkerExtension:
             served = safetensors_headers(served_dir)
         except Exception as e:
             return {"ok": True, "reason": f"served checkpoint unreadable ({e}); tensors not compared"}
-        if served and new != served:
-            diff = sorted(set(new.items()) ^ set(served.items()))[:3]
-            return {
-                "ok": False,
-                "reason": f"{path} does not match the served checkpoint's tensors (names, dtypes, shapes); "
-                f"first differences: {diff}",
-            }
+        problem = _tensor_mismatch(weights, new, served) if served else None
+        if problem:
+            return {"ok": False, "reason": problem}
         return {"ok": True, "reason": f"{len(new)} tensors match the served checkpoint"}
 
     def rollstream_retie_embeddings(self) -> dict[str, Any]:
