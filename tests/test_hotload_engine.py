@@ -14,7 +14,8 @@ import pytest
 
 from rollstream import ChatTokenizer, DeploymentSampler
 from rollstream._exceptions import HotloadError
-from rollstream.snapshots import SnapshotChain, SnapshotStore, hotload
+from rollstream.hotload import hotload
+from rollstream.snapshots import SnapshotChain, SnapshotStore
 from rollstream.testing import LocalVLLM
 
 pytestmark = pytest.mark.engine

@@ -22,7 +22,7 @@ from rollstream import (
     SamplingError,
 )
 from rollstream._exceptions import HotloadError
-from rollstream.snapshots import hotload
+from rollstream.hotload import hotload
 from rollstream.testing import LocalVLLM
 
 pytestmark = pytest.mark.engine

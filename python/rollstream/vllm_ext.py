@@ -233,7 +233,8 @@ class RollstreamWorkerExtension:
         filesystem the reload will."""
         from pathlib import Path
 
-        from .snapshots import _tensor_mismatch, safetensors_headers
+        from .hotload import tensor_mismatch
+        from .snapshots import safetensors_headers
 
         weights = Path(path)
         if not weights.is_dir():
@@ -252,7 +253,7 @@ class RollstreamWorkerExtension:
             served = safetensors_headers(served_dir)
         except Exception as e:
             return {"ok": True, "reason": f"served checkpoint unreadable ({e}); tensors not compared"}
-        problem = _tensor_mismatch(weights, new, served) if served else None
+        problem = tensor_mismatch(weights, new, served) if served else None
         if problem:
             return {"ok": False, "reason": problem}
         return {"ok": True, "reason": f"{len(new)} tensors match the served checkpoint"}

@@ -24,7 +24,7 @@ from .._exceptions import EngineStartError
 
 __all__ = ["LocalVLLM", "engine_available", "free_port"]
 
-#: Flags every rollstream deployment gets (see ENGINE-NOTES): exact, processed
+#: Flags every rollstream deployment gets (see docs/ENGINE.md, section 2): exact, processed
 #: logprobs of the distribution actually sampled from; server defaults never
 #: leak into rollouts; per-request queue metrics for AIMD; the token-in /
 #: token-out endpoint; rollstream's worker extension (hot-load fixes).

@@ -6,7 +6,7 @@
 //! logprobs, top-logprob CSR, sampling-mask CSR, routed experts), so a stream
 //! of thousands of events ends as a handful of contiguous vectors.
 //!
-//! Wire facts this relies on (vLLM 0.32, see `ENGINE-NOTES.md`): the stream
+//! Wire facts this relies on (vLLM 0.32, see `docs/ENGINE.md`, section 7): the stream
 //! ends with `data: [DONE]`; logprobs are clamped at -9999.0 and NaN is sent as
 //! `null`; errors after the first byte arrive as `data: {"error": {...}}`
 //! under HTTP 200; `choices[].index` may arrive in any order.
