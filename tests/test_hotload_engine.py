@@ -3,8 +3,12 @@ transformers recomputation of the new checkpoint."""
 
 from __future__ import annotations
 
+import _thread
 import asyncio
+import os
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +88,24 @@ def test_delta_hotload_serves_the_new_weights(
     try:
         # vLLM 0.32's defect, shown for real: reloading without re-tying leaves
         # the LM head on the old embeddings, and the served logprobs are wrong.
-        hotload(vllm_server.url, new_dir, "step-1-stale-head", retie_embeddings=False)
+        hotload(vllm_server.url, new_dir, "step-1-stale-head", retie_embeddings=False, verify=False)
         stale_err, _ = max_logprob_error(vllm_server, tok, hf_new)
         assert stale_err > 1e-2, f"expected a visibly stale head, error {stale_err}"
+        # The verification catches that class of defect without knowing about
+        # it: the head's kernel is compared with the checkpoint, and the
+        # server goes back to the weights it served before.
+        with pytest.raises(HotloadError, match=r"embed_tokens.weight \(as lm_head\)") as caught:
+            hotload(vllm_server.url, new_dir, "step-1-unverified", retie_embeddings=False)
+        assert caught.value.stage == "verify"
+        assert httpx.get(vllm_server.url + "/is_paused").json()["is_paused"] is False
 
         report = hotload(vllm_server.url, new_dir, "step-1")
-        assert report["retie"][0]["retied"] is True
+        assert report["reload"]["retie"]["retied"] is True
+        assert report["fingerprint"]["mismatched"] == 0
+        # Every checkpoint tensor is compared, and the tied LM head once more.
+        assert report["fingerprint"]["missing"] == []
+        assert report["fingerprint"]["unmapped"] == []
+        assert report["fingerprint"]["checked"] == len(original) + 1
         chain.mark_loaded("step-1")
         assert httpx.get(vllm_server.url + "/weight_info").json()["weight_version"] == "step-1"
         err, version = max_logprob_error(vllm_server, tok, hf_new)
@@ -125,20 +141,31 @@ def test_hotload_failures_name_the_stage_and_resume(
     # A path that exists only in the client's imagination is refused by the
     # server's own check (its reload would kill the engine).
     with pytest.raises(HotloadError, match="not a directory on the server's host") as info:
-        hotload(vllm_server.url, "/nonexistent-rollstream-snapshot", "nope")
+        hotload(vllm_server.url, tmp_path / "nonexistent-rollstream-snapshot", "nope")
+    assert info.value.stage == "check"
+    # The server only looks at paths under its snapshot roots: it cannot be
+    # used to probe the host's filesystem.
+    outside = Path.home() / f".rollstream-test-outside-roots-{os.getpid()}"
+    outside.mkdir()
+    try:
+        shutil.copy(tiny_model_dir / "model.safetensors", outside / "model.safetensors")
+        with pytest.raises(HotloadError, match="outside this server's snapshot roots") as info:
+            hotload(vllm_server.url, outside, "probe")
+    finally:
+        shutil.rmtree(outside)
     assert info.value.stage == "check"
     assert httpx.get(vllm_server.url + "/health").status_code == 200
 
     # A failure after the pause (the weight-version call fails): the server is
     # resumed, the error names the stage, and the engine stays healthy.
-    real_post = httpx.Client.post
+    real_request = httpx.Client.request
 
-    def failing_post(self: httpx.Client, url: Any, **kw: Any) -> httpx.Response:
+    def failing_request(self: httpx.Client, method: str, url: Any, **kw: Any) -> httpx.Response:
         if str(url).endswith("/update_weight_version"):
             raise httpx.ConnectError("injected failure")
-        return real_post(self, url, **kw)
+        return real_request(self, method, url, **kw)
 
-    monkeypatch.setattr(httpx.Client, "post", failing_post)
+    monkeypatch.setattr(httpx.Client, "request", failing_request)
     with pytest.raises(HotloadError, match="injected failure") as info:
         hotload(vllm_server.url, tiny_model_dir, "same-weights")
     monkeypatch.undo()
@@ -148,3 +175,30 @@ def test_hotload_failures_name_the_stage_and_resume(
     assert httpx.get(vllm_server.url + "/health").status_code == 200
     err, _ = max_logprob_error(vllm_server, ChatTokenizer.from_pretrained(tiny_model_dir), tiny_model_dir)
     assert err < 1e-4, "the reloaded (identical) weights serve correctly"
+
+
+def test_interrupted_reload_leaves_the_server_resumed(vllm_server: LocalVLLM, tiny_model_dir: Path) -> None:
+    """Ctrl-C in the middle of a real reload: the server is resumed anyway."""
+    interrupted = threading.Event()
+
+    def interrupt_once_paused() -> None:
+        with httpx.Client(base_url=vllm_server.url, timeout=10) as c:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if c.get("/is_paused").json().get("is_paused"):
+                    interrupted.set()
+                    _thread.interrupt_main()
+                    return
+                time.sleep(0.002)
+
+    watcher = threading.Thread(target=interrupt_once_paused, daemon=True)
+    watcher.start()
+    with pytest.raises(KeyboardInterrupt):
+        hotload(vllm_server.url, tiny_model_dir, "interrupted")
+        time.sleep(5)  # the interrupt must land in the call above; never reached otherwise
+    watcher.join(5)
+    assert interrupted.is_set(), "the server was never seen paused"
+    assert httpx.get(vllm_server.url + "/is_paused").json()["is_paused"] is False
+    assert httpx.get(vllm_server.url + "/health").status_code == 200
+    report = hotload(vllm_server.url, tiny_model_dir, "after-interrupt")
+    assert report["fingerprint"]["mismatched"] == 0

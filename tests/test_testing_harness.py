@@ -14,7 +14,7 @@ import pytest
 
 from rollstream import EngineStartError
 from rollstream.testing import LocalVLLM, TinyModelSpec, tiny_model
-from rollstream.testing._supervise import group_members
+from rollstream._supervise import group_members
 from rollstream.testing.pytest_plugin import require_engine
 
 
@@ -76,7 +76,7 @@ def _spawn_tree_under_supervisor(tmp_path: Path) -> tuple[subprocess.Popen[bytes
     owner = textwrap.dedent(
         f"""
         import subprocess, sys, time
-        p = subprocess.Popen([sys.executable, "-m", "rollstream.testing._supervise", "--",
+        p = subprocess.Popen([sys.executable, "-m", "rollstream._supervise", "--",
                               sys.executable, "-c", {tree!r}], stdin=subprocess.PIPE, start_new_session=True)
         print(p.pid, flush=True)
         time.sleep(600)

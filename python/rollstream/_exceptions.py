@@ -12,8 +12,10 @@ import copy
 from typing import Any
 
 __all__ = [
+    "DeploymentError",
     "EngineError",
     "EngineStartError",
+    "EngineUnavailableError",
     "RollstreamError",
     "StreamError",
     "StreamProtocolError",
@@ -90,6 +92,16 @@ def _rebuild_server_error(
 
 class EngineError(RollstreamError):
     """A local inference engine could not be installed, started or reached."""
+
+
+class EngineUnavailableError(EngineError):
+    """No engine can take the request: the pool is empty or closed, or every
+    replica of a deployment is gone."""
+
+
+class DeploymentError(EngineError):
+    """A deployment operation failed (create, scale, update, delete). The
+    message names the deployment and, where one is involved, the replica."""
 
 
 class EngineStartError(EngineError):
@@ -216,13 +228,17 @@ class ChecksumMismatchError(SnapshotError):
     or a delta applied to the wrong base."""
 
 
-class HotloadError(RollstreamError):
-    """Loading weights into a running server failed. The server was resumed
-    (never left paused); ``stage`` names the step that failed."""
+class HotloadError(RollstreamError, RuntimeError):
+    """Loading weights into a running server or deployment failed. Servers
+    were resumed (never left paused); ``stage`` names the step that failed
+    (``check``, ``stage``, ``pause``, ``reload``, ``verify``, ``resume``,
+    ``rollback``) and ``replica`` the server, when one is to blame. A
+    ``RuntimeError`` too, as the Fireworks SDK's hot-load failures are."""
 
-    def __init__(self, message: str, stage: str | None = None) -> None:
+    def __init__(self, message: str, stage: str | None = None, replica: str | None = None) -> None:
         super().__init__(message)
         self.stage = stage
+        self.replica = replica
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (str(self), self.stage))
+        return (type(self), (str(self), self.stage, self.replica))

@@ -4,61 +4,19 @@ production) as a context manager, with the flags rollstream relies on."""
 from __future__ import annotations
 
 import atexit
-import contextlib
-import importlib.util
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-import httpx
+from .._engine import DEFAULT_FLAGS, ServerProcess, engine_available, free_port, vllm_command
 
-from .._exceptions import EngineStartError
-
-__all__ = ["LocalVLLM", "engine_available", "free_port"]
-
-#: Flags every rollstream deployment gets (see docs/ENGINE.md, section 2): exact, processed
-#: logprobs of the distribution actually sampled from; server defaults never
-#: leak into rollouts; per-request queue metrics for AIMD; the token-in /
-#: token-out endpoint; rollstream's worker extension (hot-load fixes).
-DEFAULT_FLAGS: tuple[str, ...] = (
-    "--generation-config",
-    "vllm",
-    "--logprobs-mode",
-    "processed_logprobs",
-    "--enable-per-request-metrics",
-    "--enable-scale-out",
-    "--worker-extension-cls",
-    "rollstream.vllm_ext.RollstreamWorkerExtension",
-)
+__all__ = ["DEFAULT_FLAGS", "LocalVLLM", "engine_available", "free_port"]
 
 _LIVE: weakref.WeakSet[LocalVLLM] = weakref.WeakSet()
-
-
-def engine_available(python: str | None = None) -> tuple[bool, str]:
-    """Whether vLLM can be imported by ``python`` (default: this interpreter),
-    with a reason when it cannot."""
-    if python is None or Path(python).resolve() == Path(sys.executable).resolve():
-        if importlib.util.find_spec("vllm") is None:
-            return False, f"vllm is not installed in {sys.executable} (run scripts/install-engine.sh)"
-        return True, ""
-    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
-    r = subprocess.run([python, "-c", probe], capture_output=True, check=False)
-    return (r.returncode == 0, "" if r.returncode == 0 else f"vllm is not installed in {python}")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class LocalVLLM:
@@ -70,6 +28,8 @@ class LocalVLLM:
     The server runs under a supervisor that kills the whole process tree when
     :meth:`stop` is called, when this process exits, and even when this
     process is killed outright, so no engine outlives its owner.
+    ``snapshot_roots`` are the directories the worker extension may check
+    checkpoints in (default: the model's directory and the temp directory).
     """
 
     def __init__(
@@ -90,6 +50,7 @@ class LocalVLLM:
         python: str | None = None,
         log_path: str | os.PathLike[str] | None = None,
         dev_mode: bool = True,
+        snapshot_roots: Sequence[str | os.PathLike[str]] | None = None,
     ) -> None:
         if startup_timeout <= 0:
             raise ValueError(f"startup_timeout must be positive, got {startup_timeout}")
@@ -99,39 +60,29 @@ class LocalVLLM:
         self.port = port or free_port(host)
         self.python = python or os.environ.get("ROLLSTREAM_VLLM_PYTHON") or sys.executable
         self.startup_timeout = startup_timeout
-        self.args: list[str] = [
-            "--model",
-            self.model,
-            "--served-model-name",
-            served_model_name,
-            "--host",
-            host,
-            "--port",
-            str(self.port),
-            "--dtype",
-            dtype,
-            "--max-model-len",
-            str(max_model_len),
-            "--max-logprobs",
-            str(max_logprobs),
-            *DEFAULT_FLAGS,
-        ]
+        args = ["--dtype", dtype, "--max-model-len", str(max_model_len), "--max-logprobs", str(max_logprobs)]
         if max_num_seqs is not None:
-            self.args += ["--max-num-seqs", str(max_num_seqs)]
-        self.args += list(extra_args)
+            args += ["--max-num-seqs", str(max_num_seqs)]
+        args += list(extra_args)
+        cmd = vllm_command(
+            self.python, self.model, served_model_name=served_model_name, host=host, port=self.port, args=args
+        )
+        self.args: list[str] = cmd[3:]
         self.env = dict(os.environ)
         self.env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         if dev_mode:
             self.env["VLLM_SERVER_DEV_MODE"] = "1"
+        roots = snapshot_roots
+        if roots is None:
+            roots = (Path(self.model).parent, tempfile.gettempdir())
+        self.env["ROLLSTREAM_SNAPSHOT_ROOTS"] = os.pathsep.join(str(Path(r).resolve()) for r in roots)
         self.env.update(env or {})
         if log_path is None:
             fd, name = tempfile.mkstemp(prefix="rollstream-vllm-", suffix=".log")
             os.close(fd)
             log_path = name
         self.log_path = Path(log_path)
-        self._proc: subprocess.Popen[bytes] | None = None
-        #: Process group of the last start (kept after stop, to check cleanup).
-        self.pgid: int | None = None
+        self._process = ServerProcess(cmd, url=self.url, env=self.env, log_path=self.log_path)
         self.startup_seconds: float | None = None
 
     @property
@@ -141,87 +92,38 @@ class LocalVLLM:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._process.running
 
     @property
     def pid(self) -> int | None:
         """Process id of the supervisor (the process-group leader)."""
-        return self._proc.pid if self._proc is not None else None
+        return self._process.pid
+
+    @property
+    def pgid(self) -> int | None:
+        """Process group of the last start (kept after stop, to check cleanup)."""
+        return self._process.pgid
 
     def command(self) -> list[str]:
-        return [self.python, "-m", "vllm.entrypoints.openai.api_server", *self.args]
+        return list(self._process.command)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return self._process.log_tail(lines)
 
     def start(self) -> LocalVLLM:
-        if self._proc is not None:
-            raise RuntimeError("server already started")
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "rollstream.testing._supervise", "--", *self.command()],
-                stdin=subprocess.PIPE,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
-        self.pgid = self._proc.pid
+        self._process.start()
         _LIVE.add(self)
-        t0 = time.monotonic()
         try:
-            self._wait_healthy()
+            self.startup_seconds = self._process.wait_healthy(self.startup_timeout)
         except BaseException:
             self.stop()
             raise
-        self.startup_seconds = time.monotonic() - t0
         return self
-
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        with httpx.Client(timeout=httpx.Timeout(5.0)) as client:
-            while True:
-                proc = self._proc
-                if proc is None or proc.poll() is not None:
-                    code = proc.returncode if proc is not None else None
-                    raise EngineStartError(
-                        f"vLLM server exited with code {code} before becoming healthy "
-                        f"(log: {self.log_path}):\n{self.log_tail()}"
-                    )
-                try:
-                    if client.get(self.url + "/health").status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise EngineStartError(
-                        f"vLLM server at {self.url} not healthy after {self.startup_timeout:.0f} s "
-                        f"(log: {self.log_path}):\n{self.log_tail()}"
-                    )
-                time.sleep(0.5)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the whole process tree. Idempotent."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
         _LIVE.discard(self)
-        if proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()  # EOF: the supervisor kills the group
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        self._process.stop(timeout)
 
     def __enter__(self) -> LocalVLLM:
         return self.start()

@@ -9,12 +9,14 @@
 //! - [`tokenize`]: tokenizer.json + chat templates, transformers-exact.
 //! - [`snapshot`]: checksums, safetensors, arc_v2 and rsd1 delta codecs.
 //! - [`npy`]: the `.npy` payloads vLLM uses for routed experts.
+//! - [`router`]: sticky least-loaded routing over several engines.
 
 pub mod aimd;
 pub mod http;
 pub mod json;
 pub mod masks;
 pub mod npy;
+pub mod router;
 pub mod snapshot;
 pub mod sse;
 pub mod tokenize;

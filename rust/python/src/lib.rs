@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 
 mod errors;
 mod masks;
+mod router;
 mod sampling;
 mod snapshots;
 mod streams;
@@ -19,6 +20,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<sampling::PyStreamClient>()?;
     m.add_class::<sampling::PyRequestHandle>()?;
     m.add_class::<sampling::PyAimd>()?;
+    m.add_class::<router::PyRouter>()?;
     m.add_function(wrap_pyfunction!(sampling::shutdown_callbacks, m)?)?;
     m.add_function(wrap_pyfunction!(masks::apply_mask_inplace, m)?)?;
     m.add_function(wrap_pyfunction!(masks::mask_to_dense, m)?)?;

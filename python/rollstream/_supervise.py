@@ -1,6 +1,6 @@
 """Process-tree supervisor for a locally started engine.
 
-Run as ``python -m rollstream.testing._supervise -- CMD...`` with a pipe on
+Run as ``python -m rollstream._supervise -- CMD...`` with a pipe on
 stdin and ``start_new_session=True``: it leads a new process group, starts CMD
 inside it and waits. When stdin reaches EOF (the parent closed it, or the
 parent died, even by SIGKILL) or CMD exits, it terminates the whole group:
@@ -58,7 +58,7 @@ def _others_alive(pgid: int) -> bool:
 
 def main(argv: list[str]) -> int:
     if "--" not in argv:
-        print("usage: python -m rollstream.testing._supervise -- CMD...", file=sys.stderr)
+        print("usage: python -m rollstream._supervise -- CMD...", file=sys.stderr)
         return 2
     cmd = argv[argv.index("--") + 1 :]
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
