@@ -39,6 +39,9 @@ class LaunchSpec:
     resources: Mapping[str, float] = field(default_factory=dict)
     host: str = "127.0.0.1"
     python: str | None = None
+    #: Replicas of the deployment on this machine (the local backend splits
+    #: the CPUs between CPU-engine replicas).
+    replicas: int = 1
 
 
 class ReplicaHandle(Protocol):
@@ -129,9 +132,10 @@ class LocalBackend:
     def launch(self, spec: LaunchSpec) -> ReplicaHandle:
         port = free_port(self.host)
         url = f"http://{self.host}:{port}"
-        process = ServerProcess(
-            _command(spec, self.host, port), url=url, env=_server_env(spec), log_path=spec.log_path
-        )
+        env = _server_env(spec)
+        if not spec.resources.get("GPU") and "VLLM_CPU_OMP_THREADS_BIND" not in spec.env:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_share(spec.index, spec.replicas)
+        process = ServerProcess(_command(spec, self.host, port), url=url, env=env, log_path=spec.log_path)
         process.start()
         return _LocalHandle(process, self.host)
 
@@ -140,6 +144,21 @@ class LocalBackend:
 
     def __repr__(self) -> str:
         return f"LocalBackend(host={self.host!r})"
+
+
+def cpu_share(index: int, replicas: int) -> str:
+    """The CPUs (a ``VLLM_CPU_OMP_THREADS_BIND`` list) of replica ``index``
+    of ``replicas`` CPU-engine replicas on this machine. vLLM's automatic
+    binding pins every engine to the same cores: two replicas then take turns
+    instead of running in parallel (each spins on the core the other needs)."""
+    cpus = (
+        sorted(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else list(range(os.cpu_count() or 1))
+    )
+    per = max(1, len(cpus) // max(1, replicas))
+    start = (index * per) % len(cpus)
+    return ",".join(str(c) for c in cpus[start : start + per])
 
 
 class _ReplicaActor:

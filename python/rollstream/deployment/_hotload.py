@@ -30,9 +30,10 @@ __all__ = ["HotloadStatus", "commit"]
 
 T = TypeVar("T")
 
-#: A hook called at named points of the transaction with the replica (tests
-#: inject real faults through it, e.g. corrupting one replica's staged file).
-FaultHook = Callable[[str, Replica], None]
+#: Called as ``hook(point, replica, staged_path)`` at named points of the
+#: transaction (``"staged"``, ``"reloading"``): tests inject real faults
+#: through it, e.g. corrupting one replica's staged checkpoint.
+FaultHook = Callable[[str, Replica, str], None]
 
 
 @dataclass
@@ -153,7 +154,7 @@ def commit(
     status.timings["check_s"] = time.perf_counter() - t0
     if fault is not None:
         for r in replicas:
-            fault("staged", r)
+            fault("staged", r, paths[r.index])
 
     urls = [str(r.url) for r in replicas]
     mode = "wait" if transition == "SYNC" else "keep"
@@ -173,7 +174,7 @@ def commit(
 
         def reload(r: Replica) -> dict[str, Any]:
             if fault is not None:
-                fault("reloading", r)
+                fault("reloading", r, paths[r.index])
             return _control(r).reload(paths[r.index], fallback=current.path)
 
         reloads = _parallel(replicas, reload)

@@ -143,8 +143,8 @@ class DeploymentManager:
         self._last_hotload_error_message: str | None = None
         #: Seconds spent in the most recent :meth:`wait_for_ready`.
         self.boot_time_s: float | None = None
-        #: Fault injection for tests: called as ``fault_hook(point, replica)`` at
-        #: named points of a hot-load (``"staged"``, ``"reloading"``).
+        #: Fault injection for tests: ``fault_hook(point, replica, staged_path)``
+        #: at named points of a hot-load (``"staged"``, ``"reloading"``).
         self.fault_hook: FaultHook | None = None
         del base_url, inference_url, hotload_api_url, verify_ssl
 
@@ -364,6 +364,7 @@ class DeploymentManager:
             log_path=str(logs / f"replica-{r.index}-{int(time.time())}-{r.restarts}.log"),
             resources=dict(shape.resources),
             python=self.python,
+            replicas=max(1, cfg.replicas),
         )
 
     def _run_start(self, live: _Live, r: Replica) -> None:
