@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from rollstream import EngineStartError
-from rollstream.testing import LocalVLLM, TinyModelSpec, tiny_model
 from rollstream._supervise import group_members
+from rollstream.testing import LocalVLLM, TinyModelSpec, tiny_model
 from rollstream.testing.pytest_plugin import require_engine
 
 
