@@ -46,11 +46,15 @@ def default_state_dir() -> Path:
 
 
 def _start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), or None."""
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None
+    when no such process runs (a zombie, killed but not yet reaped, counts as
+    gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
     except OSError:
+        return None
+    if fields and fields[0] in (b"Z", b"X"):
         return None
     # After the command: state(0) ppid(1) ... starttime is field 22 of stat, index 19 here.
     try:
