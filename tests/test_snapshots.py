@@ -309,4 +309,24 @@ def test_safetensors_headers_read_names_dtypes_shapes_and_reject_malformed(tmp_p
         with pytest.raises(SnapshotCorruptError, match=r"model\.safetensors") as info:
             snapshots.safetensors_headers(d)
         if name in ("no-shape", "bad-shape"):
-            assert "'w'" in str(info.value), "the malformed tensor is named"
+            assert '"w"' in str(info.value), "the malformed tensor is named"
+
+
+def test_safetensors_headers_check_offsets_and_names_and_keep_unknown_dtypes(tmp_path: Path) -> None:
+    def header_of(header: bytes, data: bytes) -> dict[str, tuple[str, tuple[int, ...]]]:
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        d.mkdir()
+        _raw_safetensors(d / "model.safetensors", header, data)
+        return snapshots.safetensors_headers(d)
+
+    with pytest.raises(SnapshotCorruptError, match="data bytes"):
+        header_of(b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', bytes(4))
+    with pytest.raises(SnapshotCorruptError, match="twice"):
+        header_of(
+            b'{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},'
+            b'"w":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}',
+            bytes(2),
+        )
+    assert header_of(b'{"s":{"dtype":"F8_E8M0","shape":[4],"data_offsets":[0,4]}}', bytes(4)) == {
+        "s": ("F8_E8M0", (4,))
+    }

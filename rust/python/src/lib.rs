@@ -30,6 +30,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(snapshots::decode_delta_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(snapshots::write_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(snapshots::safetensors_checksums, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshots::safetensors_header, m)?)?;
     m.add_function(wrap_pyfunction!(snapshots::encode_delta_from_file, m)?)?;
     Ok(())
 }

@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
-use rollstream_core::snapshot::checksum;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 use rollstream_core::snapshot::delta::{self, EncodeOptions, Format, Named, Stats};
 use rollstream_core::snapshot::safetensors::{Dtype, TensorView};
 use rollstream_core::snapshot::SnapshotError;
+use rollstream_core::snapshot::{checkpoint, checksum, safetensors};
 
 use crate::errors;
 
@@ -218,52 +218,32 @@ pub fn write_safetensors(
     path: PathBuf,
     tensors: &Bound<'_, PyAny>,
     metadata: Option<BTreeMap<String, String>>,
-) -> PyResult<BTreeMap<String, (u32, u64)>> {
-    use rayon::prelude::*;
-    use rollstream_core::snapshot::safetensors::{write, TensorMeta};
+) -> PyResult<BTreeMap<String, checkpoint::Sums>> {
     let held = hold(tensors, "tensor")?;
     let metadata = metadata.unwrap_or_default();
-    py.detach(|| {
-        let metas: Vec<TensorMeta> =
-            held.iter().map(|t| TensorMeta { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() }).collect();
-        let pending = delta::PendingFile::new(&path)?;
-        write(pending.path(), &metas, &metadata, |i| held[i].bytes.slice())?;
-        pending.publish()?;
-        Ok(held
-            .par_iter()
-            .map(|t| (t.name.clone(), (checksum::adler32(1, t.bytes.slice()), checksum::xxh3(t.bytes.slice()))))
-            .collect())
-    })
-    .map_err(|e| snapshot_error(py, e))
+    py.detach(|| checkpoint::write_checkpoint(&path, &views(&held), &metadata)).map_err(|e| snapshot_error(py, e))
 }
 
 /// (dtype, shape, adler32, xxh3) of a tensor.
-type TensorSums = (String, Vec<usize>, u32, u64);
+type TensorSums = (&'static str, Vec<usize>, u32, u64);
 
 /// `{name: (dtype, shape, adler32, xxh3)}` of every tensor in a safetensors file.
 #[pyfunction]
 pub fn safetensors_checksums(py: Python<'_>, path: PathBuf) -> PyResult<BTreeMap<String, TensorSums>> {
-    use rayon::prelude::*;
-    use rollstream_core::snapshot::safetensors::SafeTensors;
-    py.detach(|| {
-        let st = SafeTensors::open(&path)?;
-        Ok(st
-            .tensors()
-            .par_iter()
-            .map(|(n, v)| {
-                (
-                    n.to_string(),
-                    (
-                        v.dtype.name().to_string(),
-                        v.shape.to_vec(),
-                        checksum::adler32(1, v.data),
-                        checksum::xxh3(v.data),
-                    ),
-                )
-            })
-            .collect())
-    })
-    .map_err(|e| snapshot_error(py, e))
+    let sums = py.detach(|| checkpoint::checkpoint_sums(&path)).map_err(|e| snapshot_error(py, e))?;
+    Ok(sums.into_iter().map(|(n, s)| (n, (s.dtype, s.shape, s.adler32, s.xxh3))).collect())
+}
+
+/// `{name: (dtype, shape)}` from the header of a safetensors file (the data
+/// is not read; the header is fully validated against the file's size).
+#[pyfunction]
+pub fn safetensors_header<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let header = py.detach(|| safetensors::read_header(&path)).map_err(|e| snapshot_error(py, e))?;
+    let out = PyDict::new(py);
+    for t in header.tensors {
+        out.set_item(t.name, (t.dtype, PyTuple::new(py, t.shape)?))?;
+    }
+    Ok(out)
 }
 
 /// Delta from a base safetensors file to tensors held in memory.

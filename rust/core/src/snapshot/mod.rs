@@ -1,10 +1,14 @@
 //! Weight snapshots: checksums, safetensors files and delta codecs.
 //!
 //! - [`checksum`]: Adler-32 (exactly `zlib.adler32`, SIMD and parallel) and XXH3.
-//! - [`safetensors`]: validated reading (memory-mapped) and writing.
+//! - [`safetensors`]: validated reading (memory-mapped, or the header only) and writing.
+//! - [`checkpoint`]: whole checkpoints written atomically with their checksums.
 //! - [`delta`]: `arc_v2` (interoperable with Fireworks' reference) and
 //!   `rsd1`, rollstream's own chunked, checksummed, deterministic format.
+//! - [`atomic`]: publication by rename, so no partial result is ever visible.
 
+pub mod atomic;
+pub mod checkpoint;
 pub mod checksum;
 pub mod delta;
 pub mod safetensors;
@@ -32,7 +36,7 @@ impl SnapshotError {
         SnapshotError::Io { path: path.display().to_string(), message: e.to_string() }
     }
 
-    fn mismatch(tensor: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn mismatch(tensor: &str, message: impl Into<String>) -> Self {
         SnapshotError::Mismatch { tensor: tensor.to_string(), message: message.into() }
     }
 }
