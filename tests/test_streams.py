@@ -256,3 +256,17 @@ def test_errors_pickle_round_trip() -> None:
 def test_public_names() -> None:
     assert rollstream.parse_stream is parse_stream
     assert issubclass(StreamTruncatedError, rollstream.RollstreamError)
+
+
+def test_an_event_past_max_event_bytes_is_a_protocol_error() -> None:
+    dec = StreamDecoder(max_event_bytes=4096)
+    dec.feed(b"data: ")
+    for _ in range(4):
+        dec.feed(b"x" * 1000)
+    with pytest.raises(StreamProtocolError, match="max_event_bytes=4096") as info:
+        dec.feed(b"x" * 1000)
+    assert info.value.offset == 0
+    body = b'data: {"choices":[]}\n\ndata: ' + b"y" * 5000 + b"\n\ndata: [DONE]\n\n"
+    with pytest.raises(StreamProtocolError, match="max_event_bytes=4096"):
+        parse_stream(body, max_event_bytes=4096)
+    assert parse_stream(body.replace(b"y" * 5000, b"{}")).events == 3

@@ -13,7 +13,7 @@ __version__: str
 class StreamDecoder:
     """Incremental decoder of one vLLM SSE response body."""
 
-    def __init__(self) -> None: ...
+    def __init__(self, *, max_event_bytes: int = ...) -> None: ...
     def feed(self, data: bytes) -> None: ...
     def finish(self) -> dict[str, Any]: ...
     def partial(self) -> dict[str, Any]: ...
@@ -24,7 +24,7 @@ class StreamDecoder:
     @property
     def done(self) -> bool: ...
 
-def decode_stream(body: bytes) -> dict[str, Any]: ...
+def decode_stream(body: bytes, *, max_event_bytes: int = ...) -> dict[str, Any]: ...
 
 @final
 class ChatTokenizer:
@@ -89,7 +89,12 @@ class RequestHandle:
 @final
 class StreamClient:
     def __init__(
-        self, worker_threads: int = 1, connect_timeout: float = 10.0, pool_idle_timeout: float = 90.0
+        self,
+        worker_threads: int = 1,
+        connect_timeout: float = 10.0,
+        pool_idle_timeout: float = 90.0,
+        *,
+        max_event_bytes: int = ...,
     ) -> None: ...
     def submit(
         self,

@@ -9,6 +9,7 @@
 //! - [`tokenize`]: tokenizer.json + chat templates, transformers-exact.
 //! - [`snapshot`]: checksums, safetensors, arc_v2 and rsd1 delta codecs.
 //! - [`npy`]: the `.npy` payloads vLLM uses for routed experts.
+//! - [`timeouts`]: float seconds from callers, validated into durations.
 
 pub mod aimd;
 pub mod http;
@@ -17,6 +18,7 @@ pub mod masks;
 pub mod npy;
 pub mod snapshot;
 pub mod sse;
+pub mod timeouts;
 pub mod tokenize;
 pub mod vllm;
 

@@ -161,7 +161,10 @@ fn append_rows(slot: &mut Option<NpyArray>, arr: NpyArray) -> Result<(), String>
                     prev.shape
                 ));
             }
-            prev.shape[0] += arr.shape[0];
+            // Rows of zero-sized arrays cost no bytes, so only the count can overflow.
+            prev.shape[0] = prev.shape[0]
+                .checked_add(arr.shape[0])
+                .ok_or_else(|| format!("row count {} + {} overflows", prev.shape[0], arr.shape[0]))?;
             prev.data.extend_from_slice(&arr.data);
         }
     }

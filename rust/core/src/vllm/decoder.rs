@@ -2,7 +2,7 @@
 //! applied to the columns, errors with absolute byte offsets out.
 
 use crate::json::Reader;
-use crate::sse::{SseEnd, SseEvent, SseParser};
+use crate::sse::{SseEnd, SseEvent, SseParser, DEFAULT_MAX_EVENT_BYTES};
 
 use super::columns::{apply_chunk, finalize_top};
 use super::event::{parse_chunk, Scratch};
@@ -34,6 +34,12 @@ impl StreamDecoder {
         Self::default()
     }
 
+    /// A decoder that fails with a protocol error once one event buffers
+    /// more than `max_event_bytes` (default [`DEFAULT_MAX_EVENT_BYTES`]).
+    pub fn with_max_event_bytes(max_event_bytes: usize) -> Self {
+        StreamDecoder { sse: SseParser::with_max_event_bytes(max_event_bytes), ..Self::default() }
+    }
+
     /// Events decoded so far.
     pub fn events(&self) -> u64 {
         self.out.events
@@ -47,11 +53,6 @@ impl StreamDecoder {
     /// Whether `data: [DONE]` has been seen.
     pub fn is_done(&self) -> bool {
         self.out.done
-    }
-
-    /// The server's error event, if one arrived.
-    pub fn server_error(&self) -> Option<&ServerError> {
-        self.out.error.as_ref()
     }
 
     /// Feed the next chunk of the body. After an error every later call
@@ -113,7 +114,12 @@ impl StreamDecoder {
 
 /// Decode a complete body in one call.
 pub fn decode_stream(body: &[u8]) -> Result<StreamOutput, DecodeError> {
-    let mut d = StreamDecoder::new();
+    decode_stream_capped(body, DEFAULT_MAX_EVENT_BYTES)
+}
+
+/// [`decode_stream`] with a cap on one event's size (see [`StreamDecoder::with_max_event_bytes`]).
+pub fn decode_stream_capped(body: &[u8], max_event_bytes: usize) -> Result<StreamOutput, DecodeError> {
+    let mut d = StreamDecoder::with_max_event_bytes(max_event_bytes);
     d.feed(body)?;
     d.finish()
 }

@@ -16,7 +16,7 @@ mod decoder;
 mod event;
 mod types;
 
-pub use decoder::{decode_stream, StreamDecoder};
+pub use decoder::{decode_stream, decode_stream_capped, StreamDecoder};
 pub use types::{
     ChoiceOutput, DecodeError, DecodeErrorKind, ServerError, StopReason, StreamOutput, StringTable, TopLogprobs, Usage,
     WeightVersionSpan, MAX_CHOICES,

@@ -165,3 +165,27 @@ fn routed_experts_rows_concatenate() {
     assert_eq!(re.shape, vec![3, 2]);
     assert_eq!(re.data.len(), 24);
 }
+
+#[test]
+fn runaway_event_is_a_protocol_error_not_unbounded_memory() {
+    let mut d = StreamDecoder::with_max_event_bytes(1024);
+    d.feed(b"data: {\"choices\":[]}\n\ndata: ").unwrap();
+    let e = (0..100).find_map(|_| d.feed(&[b'x'; 100]).err()).expect("the cap is enforced");
+    assert_eq!(e.kind, DecodeErrorKind::Protocol);
+    assert_eq!(e.offset, 22, "the offset names the runaway event");
+    assert!(e.message.contains("max_event_bytes=1024"), "{e}");
+    // The default is generous: a 1 MiB event decodes.
+    let big = format!(r#"{{"choices":[{{"index":0,"text":"{}","token_ids":[1]}}]}}"#, "y".repeat(1 << 20));
+    assert_eq!(decode_stream(&body(&[&big, "[DONE]"])).unwrap().choices[0].text.len(), 1 << 20);
+}
+
+#[test]
+fn routed_expert_row_counts_cannot_overflow() {
+    // Zero-width rows hold no bytes, so a huge row count is cheap to claim.
+    let huge = format!("({}, 0)", usize::MAX - 1);
+    let npy = base64::engine::general_purpose::STANDARD.encode(crate::npy::npy_for_tests("<i4", &huge, &[]));
+    let e = format!(r#"{{"choices":[{{"index":0,"token_ids":[1],"routed_experts":"{npy}"}}]}}"#);
+    let err = decode_stream(&body(&[&e, &e, "[DONE]"])).unwrap_err();
+    assert_eq!(err.kind, DecodeErrorKind::Protocol);
+    assert!(err.message.contains("overflows"), "{err}");
+}

@@ -4,6 +4,7 @@
 use std::fmt;
 
 use crate::npy::NpyArray;
+use crate::sse::EventTooLarge;
 
 /// Upper bound on distinct choice indices in one stream. vLLM caps `n` far
 /// lower; this only stops a hostile stream from allocating without bound.
@@ -39,6 +40,18 @@ impl fmt::Display for DecodeError {
 }
 
 impl std::error::Error for DecodeError {}
+
+/// A runaway event is a protocol violation: no valid vLLM event is that large.
+impl From<EventTooLarge> for DecodeError {
+    fn from(e: EventTooLarge) -> Self {
+        DecodeError {
+            kind: DecodeErrorKind::Protocol,
+            offset: e.offset,
+            message: e.to_string(),
+            excerpt: String::new(),
+        }
+    }
+}
 
 /// `stop_reason`: the stop token id or the stop string that ended a choice.
 #[derive(Debug, Clone, PartialEq, Eq)]
