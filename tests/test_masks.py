@@ -122,3 +122,11 @@ def test_property_matches_reference(rows: int, vocab: int, k: int, seed: int) ->
     logits = rng.standard_normal((rows + 2, vocab)).astype(np.float32)
     mask = random_mask(rng, rows, vocab, k)
     np.testing.assert_array_equal(apply_sampling_mask(logits, mask, start=1), reference(logits, mask, 1))
+
+
+def test_dense_forms_check_the_vocabulary_before_allocating() -> None:
+    mask = SamplingMask.from_rows([[1], [2]])
+    with pytest.raises(ValueError, match="vocab_size=1099511627776"):
+        mask.to_dense(2**40)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        mask.to_dense(2)

@@ -4,9 +4,12 @@ snapshot store and the trainer-side chain."""
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -330,3 +333,60 @@ def test_safetensors_headers_check_offsets_and_names_and_keep_unknown_dtypes(tmp
     assert header_of(b'{"s":{"dtype":"F8_E8M0","shape":[4],"data_offsets":[0,4]}}', bytes(4)) == {
         "s": ("F8_E8M0", (4,))
     }
+
+
+def _recraft_rsd1(blob: bytes, edit: Callable[[dict[str, Any]], None]) -> bytes:
+    """``blob`` (an rsd1 image) with its JSON header rewritten by ``edit``."""
+    n = int.from_bytes(blob[8:16], "little")
+    header = json.loads(blob[16 : 16 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    return blob[:8] + len(text).to_bytes(8, "little") + text + blob[16 + n :]
+
+
+def _numpy_pair() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    base = {
+        "a": rng.standard_normal(3000).astype(np.float32),
+        "b": rng.standard_normal(100).astype(np.float32),
+    }
+    return base, {k: v + np.float32(1) for k, v in base.items()}
+
+
+@pytest.mark.parametrize("chunk_elems", [2**62, 2**64 - 1, 0])
+def test_crafted_rsd1_chunk_sizes_raise_corrupt_not_panic(chunk_elems: int) -> None:
+    base, new = _numpy_pair()
+    blob = snapshots.encode_delta_tensors(base, new, chunk_elems=1000)
+    bad = _recraft_rsd1(blob, lambda h: h.__setitem__("chunk_elems", chunk_elems))
+    with pytest.raises(SnapshotCorruptError, match=f"chunk_elems={chunk_elems}"):
+        snapshots.decode_delta_tensors(base, bad)
+
+
+def test_rsd1_refuses_a_tensor_named_twice() -> None:
+    base, new = _numpy_pair()
+    blob = snapshots.encode_delta_tensors(base, new)
+    dup = _recraft_rsd1(blob, lambda h: h["tensors"][1].__setitem__("name", h["tensors"][0]["name"]))
+    with pytest.raises(SnapshotCorruptError, match="twice"):
+        snapshots.decode_delta_tensors(base, dup)
+    with pytest.raises(TensorMismatchError, match="twice"):
+        snapshots.encode_delta_tensors(base, [("a", new["a"]), ("a", new["a"])])
+
+
+def test_materializing_a_crafted_delta_raises_corrupt_naming_the_file(tmp_path: Path) -> None:
+    base, new = _numpy_pair()
+    store = SnapshotStore(tmp_path)
+    store.save_full("a", base)
+    info = store.save_delta("b", "a", new)
+    delta = info.path / info.files[0]
+    delta.write_bytes(_recraft_rsd1(delta.read_bytes(), lambda h: h.__setitem__("chunk_elems", 2**62)))
+    with pytest.raises(SnapshotCorruptError) as err:
+        store.materialize("b")
+    assert err.value.path == str(delta)
+    assert not (tmp_path / "materialized" / "b").exists()
+
+
+def test_encoding_refuses_chunk_sizes_it_cannot_write() -> None:
+    base, new = _numpy_pair()
+    for bad in (2**62, 2**32, 0):
+        with pytest.raises(ValueError, match=f"chunk_elems={bad}"):
+            snapshots.encode_delta_tensors(base, new, chunk_elems=bad)

@@ -42,7 +42,12 @@ impl Bytes {
         if !arr.is_c_contiguous() {
             return Err(PyValueError::new_err(format!("{what} must be C-contiguous")));
         }
-        let len = arr.shape().iter().product::<usize>() * arr.dtype().itemsize();
+        // numpy guarantees an array's byte size fits isize; checked anyway.
+        let len = arr
+            .shape()
+            .iter()
+            .try_fold(arr.dtype().itemsize(), |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| PyValueError::new_err(format!("{what} is larger than memory")))?;
         // SAFETY: a valid PyArrayObject; `data` points at `len` bytes of a
         // C-contiguous array.
         let ptr = unsafe { (*numpy::npyffi::_PyArray_GET_ITEM_DATA(arr.as_array_ptr())).data as *const u8 };
@@ -101,15 +106,8 @@ fn stats_dict<'py>(py: Python<'py>, s: Stats) -> PyResult<Bound<'py, PyDict>> {
     Ok(d)
 }
 
-fn options(format: &str, level: i32, chunk_elems: usize) -> PyResult<EncodeOptions> {
-    if !(-7..=22).contains(&level) {
-        return Err(PyValueError::new_err(format!("level={level} must be a zstd level in [-7, 22]")));
-    }
-    if chunk_elems == 0 {
-        return Err(PyValueError::new_err("chunk_elems must be positive"));
-    }
-    let format = Format::parse(format).map_err(|e| PyValueError::new_err(e.to_string()))?;
-    Ok(EncodeOptions { format, level, chunk_elems })
+fn options(py: Python<'_>, format: &str, level: i32, chunk_elems: usize) -> PyResult<EncodeOptions> {
+    EncodeOptions::new(format, level, chunk_elems).map_err(|e| snapshot_error(py, e))
 }
 
 #[pyfunction]
@@ -123,7 +121,7 @@ pub fn encode_delta_files<'py>(
     level: i32,
     chunk_elems: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let opts = options(format, level, chunk_elems)?;
+    let opts = options(py, format, level, chunk_elems)?;
     let stats = py.detach(|| delta::encode_files(&base, &new, &out, opts)).map_err(|e| snapshot_error(py, e))?;
     stats_dict(py, stats)
 }
@@ -154,8 +152,9 @@ fn hold(list: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<HeldTensor>> {
         let dt = Dtype::parse(&dtype)
             .ok_or_else(|| PyValueError::new_err(format!("{what} tensor {name:?}: unknown dtype {dtype:?}")))?;
         let bytes = Bytes::get(&data, &format!("{what} tensor {name:?}"))?;
-        let want = shape.iter().product::<usize>() * dt.size();
-        if bytes.len != want {
+        let want = dt.nbytes(&shape);
+        if want != Some(bytes.len) {
+            let want = want.map_or_else(|| "more than memory".to_string(), |w| w.to_string());
             return Err(PyValueError::new_err(format!(
                 "{what} tensor {name:?}: {} bytes for {dtype} {shape:?} ({want} expected)",
                 bytes.len
@@ -182,7 +181,7 @@ pub fn encode_delta_buffers<'py>(
     level: i32,
     chunk_elems: usize,
 ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyDict>)> {
-    let opts = options(format, level, chunk_elems)?;
+    let opts = options(py, format, level, chunk_elems)?;
     let (b, n) = (hold(base, "base")?, hold(new, "new")?);
     let result = py.detach(|| match opts.format {
         Format::ArcV2 => delta::encode_arc_v2(&views(&b), &views(&n), opts.level),
@@ -258,7 +257,7 @@ pub fn encode_delta_from_file<'py>(
     level: i32,
     chunk_elems: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let opts = options(format, level, chunk_elems)?;
+    let opts = options(py, format, level, chunk_elems)?;
     let n = hold(new, "new")?;
     let stats =
         py.detach(|| delta::encode_from_file(&base, &views(&n), &out, opts)).map_err(|e| snapshot_error(py, e))?;

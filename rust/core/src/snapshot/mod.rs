@@ -36,6 +36,17 @@ impl SnapshotError {
         SnapshotError::Io { path: path.display().to_string(), message: e.to_string() }
     }
 
+    /// The same error, naming `path` where it named an in-memory image
+    /// (`<...>`): the caller knew which file the bytes came from.
+    pub fn in_file(self, path: &Path) -> Self {
+        match self {
+            SnapshotError::Corrupt { path: p, message } if p.starts_with('<') => {
+                SnapshotError::Corrupt { path: path.display().to_string(), message }
+            }
+            other => other,
+        }
+    }
+
     pub(crate) fn mismatch(tensor: &str, message: impl Into<String>) -> Self {
         SnapshotError::Mismatch { tensor: tensor.to_string(), message: message.into() }
     }

@@ -77,6 +77,12 @@ impl Dtype {
         }
     }
 
+    /// Bytes of a tensor of this dtype and `shape`, or None when that
+    /// overflows `usize` (a shape no buffer can hold).
+    pub fn nbytes(self, shape: &[usize]) -> Option<usize> {
+        shape.iter().try_fold(self.size(), |acc, &d| acc.checked_mul(d))
+    }
+
     pub fn size(self) -> usize {
         match self {
             Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E4M3 | Dtype::F8E5M2 => 1,
@@ -416,9 +422,8 @@ pub fn header_bytes(
             return Err(SnapshotError::Invalid(format!("tensor name {:?} appears twice", t.name)));
         }
         let size = t
-            .shape
-            .iter()
-            .try_fold(t.dtype.size(), |acc, &d| acc.checked_mul(d))
+            .dtype
+            .nbytes(&t.shape)
             .ok_or_else(|| SnapshotError::Invalid(format!("tensor {:?}: shape {:?} overflows", t.name, t.shape)))?;
         let end = offset
             .checked_add(size)

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
-use super::types::{pair, Named, OwnedTensor, Stats};
+use super::types::{index_by_name, pair, Named, OwnedTensor, Stats};
 use super::zstd_frame::{decompress_exact, delta_cctx, encode_err};
 use crate::snapshot::checksum::adler32;
 use crate::snapshot::safetensors::{self, Dtype, SafeTensors, TensorMeta};
@@ -97,7 +97,7 @@ pub fn encode_arc_v2(base: &[Named<'_>], new: &[Named<'_>], level: i32) -> Resul
 /// Decode an arc_v2 delta against `base`; every tensor is verified before
 /// anything is returned.
 pub fn decode_arc_v2(base: &[Named<'_>], delta: &SafeTensors) -> Result<Vec<OwnedTensor>, SnapshotError> {
-    let index: BTreeMap<&str, &Named<'_>> = base.iter().map(|t| (t.name, t)).collect();
+    let index = index_by_name(base, "base")?;
     let entries = delta.tensors();
     if entries.len() != base.len() {
         return Err(SnapshotError::Invalid(format!(

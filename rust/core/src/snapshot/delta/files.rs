@@ -4,11 +4,11 @@ use std::fs::File;
 use std::path::Path;
 
 use super::arc_v2::{decode_arc_v2, encode_arc_v2};
-use super::rsd1::{decode_rsd1, encode_rsd1, parse_rsd1, RSD_MAGIC};
+use super::rsd1::{decode_rsd1, encode_rsd1, parse_rsd1, plan, RSD_MAGIC};
 use super::types::{EncodeOptions, Format, Named, Stats};
 use crate::snapshot::atomic::{publish_bytes, PendingFile};
 use crate::snapshot::checksum::adler32;
-use crate::snapshot::safetensors::{self, Dtype, SafeTensors, TensorMeta};
+use crate::snapshot::safetensors::{self, SafeTensors, TensorMeta};
 use crate::snapshot::SnapshotError;
 
 fn named(st: &SafeTensors) -> Vec<Named<'_>> {
@@ -59,7 +59,7 @@ pub fn decode_files(base_path: &Path, delta_path: &Path, out_path: &Path) -> Res
     let delta = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| SnapshotError::io(delta_path, e))?;
     let pending = PendingFile::new(out_path)?;
     let stats = if delta.starts_with(RSD_MAGIC) {
-        decode_rsd1_file(&base, &delta, pending.path())?
+        decode_rsd1_file(&base, &delta, pending.path()).map_err(|e| e.in_file(delta_path))?
     } else {
         let st = SafeTensors::open(delta_path)?;
         let tensors = decode_arc_v2(&named(&base), &st)?;
@@ -85,31 +85,23 @@ fn decode_rsd1_file(base: &SafeTensors, delta: &[u8], out: &Path) -> Result<Stat
     use std::os::unix::fs::FileExt;
 
     let (header, _) = parse_rsd1(delta)?;
-    let metas: Vec<TensorMeta> = header
-        .tensors
-        .iter()
-        .map(|t| {
-            Ok(TensorMeta {
-                name: t.name.clone(),
-                dtype: Dtype::parse(&t.dtype).ok_or_else(|| SnapshotError::mismatch(&t.name, "unknown dtype"))?,
-                shape: t.shape.clone(),
-            })
-        })
-        .collect::<Result<_, SnapshotError>>()?;
+    let base_tensors = named(base);
+    // Sized from the base's tensors, never from the delta's claims.
+    let metas: Vec<TensorMeta> = plan(&header, &base_tensors)?.into_iter().map(|(m, _)| m).collect();
     let metadata = if header.metadata.is_empty() { base.metadata.clone() } else { header.metadata.clone() };
     let (head, sizes) = safetensors::header_bytes(&metas, &metadata)?;
     let mut starts = Vec::with_capacity(sizes.len());
     let mut pos = 8 + head.len() as u64;
     for s in &sizes {
         starts.push(pos);
-        pos += *s as u64;
+        pos = pos.checked_add(*s as u64).ok_or_else(|| SnapshotError::Invalid("output size overflows".into()))?;
     }
     let file = File::create(out).map_err(|e| SnapshotError::io(out, e))?;
     file.set_len(pos).map_err(|e| SnapshotError::io(out, e))?;
     let mut prefix = (head.len() as u64).to_le_bytes().to_vec();
     prefix.extend_from_slice(&head);
     file.write_all_at(&prefix, 0).map_err(|e| SnapshotError::io(out, e))?;
-    let (_, stats) = decode_rsd1(&named(base), delta, |ti, off, bytes| {
+    let (_, stats) = decode_rsd1(&base_tensors, delta, |ti, off, bytes| {
         file.write_all_at(bytes, starts[ti] + off as u64).map_err(|e| SnapshotError::io(out, e))
     })?;
     file.sync_all().map_err(|e| SnapshotError::io(out, e))?;

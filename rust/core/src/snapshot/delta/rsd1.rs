@@ -7,13 +7,16 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::planes::{apply_chunk, chunk_body};
-use super::types::{pair, EncodeOptions, Named, Stats};
+use super::types::{check_chunk_elems, index_by_name, pair, EncodeOptions, Named, Stats};
 use super::zstd_frame::{compress_frame, decompress_exact};
 use crate::snapshot::checksum::{adler32, adler32_combine, xxh3};
 use crate::snapshot::safetensors::{Dtype, TensorMeta};
 use crate::snapshot::SnapshotError;
 
 pub const RSD_MAGIC: &[u8; 8] = b"RSDELTA1";
+/// The path errors about an rsd1 image name until a caller knows the file
+/// (see [`SnapshotError::in_file`]).
+pub(super) const RSD_PLACEHOLDER: &str = "<rsd1 delta>";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub(super) struct RsdChunk {
@@ -45,10 +48,14 @@ pub(super) struct RsdHeader {
     pub(super) metadata: BTreeMap<String, String>,
 }
 
-/// Byte ranges of the chunks of a tensor of `len` bytes.
+/// Byte ranges of the chunks of a tensor of `len` bytes. Callers check
+/// `chunk_elems` first; the arithmetic saturates anyway, so no input can make
+/// it wrap to a zero step.
 pub(super) fn chunk_ranges(len: usize, w: usize, chunk_elems: usize) -> Vec<(usize, usize)> {
-    let step = chunk_elems * w;
-    (0..len.div_ceil(step).max(1)).map(|i| (i * step, ((i + 1) * step).min(len))).collect()
+    let step = chunk_elems.saturating_mul(w).max(1);
+    (0..len.div_ceil(step).max(1))
+        .map(|i| (i.saturating_mul(step).min(len), i.saturating_add(1).saturating_mul(step).min(len)))
+        .collect()
 }
 
 /// Encode to an rsd1 image.
@@ -58,9 +65,7 @@ pub fn encode_rsd1(
     opts: EncodeOptions,
     metadata: &BTreeMap<String, String>,
 ) -> Result<(Vec<u8>, Stats), SnapshotError> {
-    if opts.chunk_elems == 0 {
-        return Err(SnapshotError::Invalid("chunk_elems must be positive".into()));
-    }
+    check_chunk_elems(opts.chunk_elems).map_err(SnapshotError::Invalid)?;
     let pairs = pair(base, new)?;
     // Flatten (tensor, chunk) so every core stays busy whatever the sizes.
     let jobs: Vec<(usize, usize, usize)> = pairs
@@ -129,24 +134,32 @@ pub fn encode_rsd1(
     Ok((out, stats))
 }
 
+/// Split an rsd1 image into its validated header and payload: magic, header
+/// length within the file, a known format, a chunk size the encoder could
+/// have written, tensor names given once, and every chunk inside the payload.
 pub(super) fn parse_rsd1(bytes: &[u8]) -> Result<(RsdHeader, &[u8]), SnapshotError> {
-    let corrupt = |m: String| SnapshotError::Corrupt { path: "<rsd1 delta>".into(), message: m };
-    if bytes.len() < 16 || &bytes[..8] != RSD_MAGIC {
+    let corrupt = |m: String| SnapshotError::Corrupt { path: RSD_PLACEHOLDER.into(), message: m };
+    let (magic, rest) =
+        bytes.split_first_chunk::<8>().ok_or_else(|| corrupt("not an rsd1 delta (too short)".into()))?;
+    let (hlen, rest) = rest.split_first_chunk::<8>().ok_or_else(|| corrupt("not an rsd1 delta (too short)".into()))?;
+    if magic != RSD_MAGIC {
         return Err(corrupt("not an rsd1 delta (bad magic)".into()));
     }
-    let mut n = [0u8; 8];
-    n.copy_from_slice(&bytes[8..16]);
-    let hlen = u64::from_le_bytes(n);
-    if hlen > (bytes.len() - 16) as u64 {
-        return Err(corrupt(format!("header length {hlen} exceeds the file")));
-    }
-    let hend = 16 + hlen as usize;
-    let header: RsdHeader =
-        serde_json::from_slice(&bytes[16..hend]).map_err(|e| corrupt(format!("bad header: {e}")))?;
-    if header.format != "rsd1" || header.chunk_elems == 0 {
+    let hlen = u64::from_le_bytes(*hlen);
+    let hend = usize::try_from(hlen)
+        .ok()
+        .filter(|&h| h <= rest.len())
+        .ok_or_else(|| corrupt(format!("header length {hlen} exceeds the file")))?;
+    let (text, payload) = rest.split_at(hend);
+    let header: RsdHeader = serde_json::from_slice(text).map_err(|e| corrupt(format!("bad header: {e}")))?;
+    if header.format != "rsd1" {
         return Err(corrupt(format!("unsupported format {:?}", header.format)));
     }
-    let payload = &bytes[hend..];
+    check_chunk_elems(header.chunk_elems).map_err(|m| corrupt(format!("header {m}")))?;
+    let mut names = std::collections::BTreeSet::new();
+    if let Some(t) = header.tensors.iter().find(|t| !names.insert(t.name.as_str())) {
+        return Err(corrupt(format!("header names tensor {:?} twice", t.name)));
+    }
     for t in &header.tensors {
         for (i, c) in t.chunks.iter().enumerate() {
             let end = c.offset.checked_add(c.length);
@@ -171,33 +184,16 @@ where
     F: Fn(usize, usize, &[u8]) -> Result<(), SnapshotError> + Sync,
 {
     let (header, payload) = parse_rsd1(delta)?;
-    let index: BTreeMap<&str, &Named<'_>> = base.iter().map(|t| (t.name, t)).collect();
-    if header.tensors.len() != base.len() {
-        return Err(SnapshotError::Invalid(format!(
-            "delta has {} tensors, base has {}",
-            header.tensors.len(),
-            base.len()
-        )));
-    }
-    let mut metas = Vec::with_capacity(header.tensors.len());
+    let planned = plan(&header, base)?;
     let mut jobs = Vec::new();
-    for (ti, t) in header.tensors.iter().enumerate() {
-        let b = index.get(t.name.as_str()).ok_or_else(|| SnapshotError::mismatch(&t.name, "not in the base"))?;
-        let dtype = Dtype::parse(&t.dtype).ok_or_else(|| SnapshotError::mismatch(&t.name, "unknown dtype"))?;
-        if dtype != b.view.dtype || t.shape != b.view.shape {
-            return Err(SnapshotError::mismatch(
-                &t.name,
-                format!("delta expects {} {:?}, base has {} {:?}", t.dtype, t.shape, b.view.dtype.name(), b.view.shape),
-            ));
-        }
-        let ranges = chunk_ranges(b.view.data.len(), dtype.size(), header.chunk_elems);
+    for (ti, (t, (_, b))) in header.tensors.iter().zip(&planned).enumerate() {
+        let ranges = chunk_ranges(b.view.data.len(), b.view.dtype.size(), header.chunk_elems);
         if ranges.len() != t.chunks.len() {
             return Err(SnapshotError::mismatch(&t.name, "chunk count does not fit the tensor size"));
         }
         for (ci, (r, c)) in ranges.into_iter().zip(&t.chunks).enumerate() {
             jobs.push((ti, ci, r, c, *b));
         }
-        metas.push(TensorMeta { name: t.name.clone(), dtype, shape: t.shape.clone() });
     }
     let window = rayon::current_num_threads().max(1) * 2;
     for group in jobs.chunks(window) {
@@ -241,19 +237,54 @@ where
         })?;
     }
     let mut stats = Stats { tensors: header.tensors.len(), encoded_bytes: delta.len() as u64, ..Default::default() };
-    for (t, m) in header.tensors.iter().zip(&metas) {
+    for (t, (_, b)) in header.tensors.iter().zip(&planned) {
         let mut a = 1u32;
         let mut total = 0u64;
-        for (c, (x, y)) in t.chunks.iter().zip(chunk_ranges(
-            m.shape.iter().product::<usize>() * m.dtype.size(),
-            m.dtype.size(),
-            header.chunk_elems,
-        )) {
+        for (c, (x, y)) in t.chunks.iter().zip(chunk_ranges(b.view.data.len(), b.view.dtype.size(), header.chunk_elems))
+        {
             a = adler32_combine(a, c.new_adler32, (y - x) as u64);
             total += (y - x) as u64;
         }
         stats.raw_bytes += total;
         stats.adler32.insert(t.name.clone(), a);
     }
-    Ok((metas, stats))
+    Ok((planned.into_iter().map(|(m, _)| m).collect(), stats))
+}
+
+/// The delta's tensors (in delta order), each checked against the base
+/// tensor of the same name: the same set of names, dtypes and shapes. Only
+/// after this may a header's shapes size anything.
+pub(super) fn plan<'a, 'b>(
+    header: &RsdHeader,
+    base: &'b [Named<'a>],
+) -> Result<Vec<(TensorMeta, &'b Named<'a>)>, SnapshotError> {
+    let index = index_by_name(base, "base")?;
+    if header.tensors.len() != base.len() {
+        return Err(SnapshotError::Invalid(format!(
+            "delta has {} tensors, base has {}",
+            header.tensors.len(),
+            base.len()
+        )));
+    }
+    header
+        .tensors
+        .iter()
+        .map(|t| {
+            let b = *index.get(t.name.as_str()).ok_or_else(|| SnapshotError::mismatch(&t.name, "not in the base"))?;
+            let dtype = Dtype::parse(&t.dtype).ok_or_else(|| SnapshotError::mismatch(&t.name, "unknown dtype"))?;
+            if dtype != b.view.dtype || t.shape != b.view.shape {
+                return Err(SnapshotError::mismatch(
+                    &t.name,
+                    format!(
+                        "delta expects {} {:?}, base has {} {:?}",
+                        t.dtype,
+                        t.shape,
+                        b.view.dtype.name(),
+                        b.view.shape
+                    ),
+                ));
+            }
+            Ok((TensorMeta { name: t.name.clone(), dtype, shape: t.shape.clone() }, b))
+        })
+        .collect()
 }

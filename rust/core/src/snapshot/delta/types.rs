@@ -8,6 +8,23 @@ use crate::snapshot::SnapshotError;
 
 /// Elements per rsd1 chunk by default (4 MiB of f32).
 pub const DEFAULT_CHUNK_ELEMS: usize = 1 << 20;
+/// Largest rsd1 chunk: sparse chunks record their changed-element count in
+/// 32 bits, so a chunk may not hold more elements than that can count.
+pub const MAX_CHUNK_ELEMS: usize = u32::MAX as usize;
+
+/// `Err` naming the value unless `chunk_elems` is in `1..=MAX_CHUNK_ELEMS`.
+pub(crate) fn check_chunk_elems(chunk_elems: usize) -> Result<(), String> {
+    if (1..=MAX_CHUNK_ELEMS).contains(&chunk_elems) {
+        Ok(())
+    } else {
+        Err(format!(
+            "chunk_elems={chunk_elems} must be in [1, {MAX_CHUNK_ELEMS}] (sparse chunks count elements in 32 bits)"
+        ))
+    }
+}
+
+/// Lowest and highest zstd levels.
+pub const LEVELS: std::ops::RangeInclusive<i32> = -7..=22;
 
 /// Which delta format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +56,21 @@ pub struct EncodeOptions {
     pub format: Format,
     pub level: i32,
     pub chunk_elems: usize,
+}
+
+impl EncodeOptions {
+    /// Options from a caller's values, each checked, with errors naming it.
+    pub fn new(format: &str, level: i32, chunk_elems: usize) -> Result<Self, SnapshotError> {
+        if !LEVELS.contains(&level) {
+            return Err(SnapshotError::Invalid(format!(
+                "level={level} must be a zstd level in [{}, {}]",
+                LEVELS.start(),
+                LEVELS.end()
+            )));
+        }
+        check_chunk_elems(chunk_elems).map_err(SnapshotError::Invalid)?;
+        Ok(EncodeOptions { format: Format::parse(format)?, level, chunk_elems })
+    }
 }
 
 impl Default for EncodeOptions {
@@ -75,16 +107,28 @@ pub struct Stats {
     pub adler32: BTreeMap<String, u32>,
 }
 
+/// `tensors` by name, refusing a name given twice (`what` names the list).
+pub(super) fn index_by_name<'a, 'b>(
+    tensors: &'b [Named<'a>],
+    what: &str,
+) -> Result<BTreeMap<&'a str, &'b Named<'a>>, SnapshotError> {
+    let mut index = BTreeMap::new();
+    for t in tensors {
+        if index.insert(t.name, t).is_some() {
+            return Err(SnapshotError::mismatch(t.name, format!("appears twice in the {what} tensors")));
+        }
+    }
+    Ok(index)
+}
+
 /// Pair every tensor of `new` with the same-named tensor of `base`,
-/// requiring identical name sets, dtypes and shapes.
+/// requiring identical name sets (each name once), dtypes and shapes.
 pub(super) fn pair<'a, 'b>(
     base: &'b [Named<'a>],
     new: &'b [Named<'a>],
 ) -> Result<Vec<(&'b Named<'a>, &'b Named<'a>)>, SnapshotError> {
-    let index: BTreeMap<&str, &Named<'a>> = base.iter().map(|t| (t.name, t)).collect();
-    if index.len() != base.len() {
-        return Err(SnapshotError::Invalid("base has duplicate tensor names".into()));
-    }
+    let index = index_by_name(base, "base")?;
+    index_by_name(new, "new")?;
     let mut out = Vec::with_capacity(new.len());
     for n in new {
         let b = index.get(n.name).ok_or_else(|| SnapshotError::mismatch(n.name, "not in the base checkpoint"))?;
