@@ -136,3 +136,20 @@ def test_coerce_accepts_all_forms(tok: ChatTokenizer, tiny_model_dir: Path) -> N
     assert raw.encode("Hello!") == [9707, 0]
     with pytest.raises(TypeError, match="cannot build a ChatTokenizer"):
         ChatTokenizer.coerce(42)
+
+
+def test_batch_errors_keep_every_template_error_attribute(tiny_model_dir: Path) -> None:
+    json_text = (tiny_model_dir / "tokenizer.json").read_text()
+    tok = ChatTokenizer(
+        json_text,
+        chat_template="{% if messages[0].content == 'bad' %}\n{{ raise_exception('refused') }}{% endif %}ok",
+    )
+    with pytest.raises(TemplateError) as info:
+        tok.encode_chats([HELLO, [{"role": "user", "content": "bad"}]])
+    err = info.value
+    assert str(err).startswith("conversation 1: ")
+    assert (err.template_message, err.line, err.raised) == ("refused", 2, True)
+    assert err.source_line is not None
+    assert "raise_exception" in err.source_line
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.line, back.source_line, back.raised) == (err.line, err.source_line, True)
