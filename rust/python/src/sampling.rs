@@ -247,10 +247,6 @@ impl PyAimd {
         self.with(|a| a.window())
     }
 
-    fn set_window(&self, w: f64) -> PyResult<()> {
-        self.with(|a| a.set_window(w))
-    }
-
     /// Queue time (seconds) reported by the server; returns the new window.
     fn queue_time(&self, seconds: f64, now: f64) -> PyResult<usize> {
         self.with(|a| {

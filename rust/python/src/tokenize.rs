@@ -172,11 +172,6 @@ impl PyChatTokenizer {
     }
 
     #[getter]
-    fn has_template(&self) -> bool {
-        self.inner.has_template()
-    }
-
-    #[getter]
     fn vocab_size(&self) -> usize {
         self.inner.text.vocab_size()
     }

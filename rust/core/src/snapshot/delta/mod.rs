@@ -11,9 +11,9 @@
 //! chunks in memory. Per chunk, the element-wise integer difference of the
 //! bit patterns (zigzagged: small weight updates become small numbers) is
 //! split into byte planes, so unchanged high bytes form long zero runs; when
-//! few elements changed, a bitmap of the changed ones plus their planes is
-//! stored instead. One zstd frame per chunk. Every chunk records XXH3 of its
-//! base and new bytes, so a wrong base or a corrupted byte is found and named
+//! few elements changed, the gaps between the changed ones plus their planes
+//! are stored instead. One zstd frame per chunk. Every chunk records XXH3 of
+//! its base and new bytes, so a wrong base or a corrupted byte is found and named
 //! (tensor, chunk) before any output is published. The output is a function
 //! of the inputs only (no timing-dependent choices), and there is no pickle.
 //!
