@@ -3,6 +3,7 @@ property tests (chunking, mutation, truncation) and the error contract."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from pathlib import Path
@@ -270,3 +271,15 @@ def test_an_event_past_max_event_bytes_is_a_protocol_error() -> None:
     with pytest.raises(StreamProtocolError, match="max_event_bytes=4096"):
         parse_stream(body, max_event_bytes=4096)
     assert parse_stream(body.replace(b"y" * 5000, b"{}")).events == 3
+
+
+def test_routed_experts_with_a_non_ascii_dtype_are_a_protocol_error() -> None:
+    # Found by the npy_parse fuzz target: the .npy reader sliced the dtype
+    # string inside a multi-byte character and panicked.
+    header = b"{'descr': '\xd9\x9a4', 'fortran_order': False, 'shape': (1,), }\n"
+    npy = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(4)
+    event = json.dumps(
+        {"choices": [{"index": 0, "token_ids": [1], "routed_experts": base64.b64encode(npy).decode()}]}
+    )
+    with pytest.raises(StreamProtocolError, match="routed_experts"):
+        parse_stream(b"data: " + event.encode() + b"\n\ndata: [DONE]\n\n")

@@ -11,6 +11,10 @@
 //! - [`npy`]: the `.npy` payloads vLLM uses for routed experts.
 //! - [`timeouts`]: float seconds from callers, validated into durations.
 
+// Malformed input must come back as an error value, never a panic (see
+// STYLE.md): outside tests, unwrap/expect/panic need a local, argued allow.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 pub mod aimd;
 pub mod http;
 pub mod json;

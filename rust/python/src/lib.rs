@@ -1,6 +1,10 @@
 //! `rollstream._core`: PyO3 glue over `rollstream-core`. Only type conversion
 //! and GIL handling live here; behaviour lives in the core crate.
 
+// A panic here reaches Python as PanicException, which `except Exception`
+// misses: errors are PyErr values.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use pyo3::prelude::*;
 
 mod errors;
