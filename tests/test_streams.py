@@ -237,7 +237,7 @@ def test_feed_type_errors_and_reuse() -> None:
         dec.feed("data: x")  # type: ignore[arg-type]
     dec.feed(bytearray(SMALL))
     assert dec.done
-    assert dec.tokens == 64
+    assert dec.tokens == sum(len(c.token_ids) for c in parse_stream(SMALL).choices) > 0
     dec.finish()
     with pytest.raises(RuntimeError, match="finished"):
         dec.finish()
@@ -254,9 +254,13 @@ def test_errors_pickle_round_trip() -> None:
     assert t.offset == 9
 
 
-def test_public_names() -> None:
-    assert rollstream.parse_stream is parse_stream
-    assert issubclass(StreamTruncatedError, rollstream.RollstreamError)
+def test_public_names_resolve_and_errors_share_one_base() -> None:
+    for name in rollstream.__all__:
+        assert hasattr(rollstream, name), name
+    errors = [getattr(rollstream, n) for n in rollstream.__all__ if n.endswith("Error")]
+    assert errors
+    for cls in errors:
+        assert issubclass(cls, rollstream.RollstreamError), cls
 
 
 def test_an_event_past_max_event_bytes_is_a_protocol_error() -> None:
