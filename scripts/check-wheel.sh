@@ -9,8 +9,10 @@
 #   [ROLLSTREAM_TEST_MODEL=served-name] [PYTHON=python3] scripts/check-wheel.sh
 #
 # PYTHON builds the wheel (it needs maturin) and is the base interpreter of
-# the fresh environment. ROLLSTREAM_BUILD_LOCK, when set, is a lock file the
-# wheel build holds (flock), for machines that serialise Rust builds.
+# the fresh environment. ROLLSTREAM_WHEEL, when set, is a wheel built
+# beforehand to check instead of building one. ROLLSTREAM_BUILD_LOCK, when
+# set, is a lock file the wheel build holds (flock), for machines that
+# serialise Rust builds.
 # Fails if torch or vLLM got installed, if the extension carries debug info,
 # or if sampling does not return tokens. Prints "check-wheel: ok" at the end.
 set -euo pipefail
@@ -24,14 +26,18 @@ trap 'rm -rf "$work"' EXIT
 # The checkout must not leak into the fresh environment.
 unset PYTHONPATH VIRTUAL_ENV PYTHONHOME
 
-echo "check-wheel: building the release wheel"
-build=("$PYTHON" -m maturin build --release --quiet --out "$work/dist")
-if [ -n "${ROLLSTREAM_BUILD_LOCK:-}" ]; then
-  (cd "$here" && flock "$ROLLSTREAM_BUILD_LOCK" "${build[@]}")
+if [ -n "${ROLLSTREAM_WHEEL:-}" ]; then
+  wheel="$ROLLSTREAM_WHEEL"
 else
-  (cd "$here" && "${build[@]}")
+  echo "check-wheel: building the release wheel"
+  build=("$PYTHON" -m maturin build --release --quiet --out "$work/dist")
+  if [ -n "${ROLLSTREAM_BUILD_LOCK:-}" ]; then
+    (cd "$here" && flock "$ROLLSTREAM_BUILD_LOCK" "${build[@]}")
+  else
+    (cd "$here" && "${build[@]}")
+  fi
+  wheel="$(ls "$work"/dist/rollstream-*.whl)"
 fi
-wheel="$(ls "$work"/dist/rollstream-*.whl)"
 echo "check-wheel: $(basename "$wheel") ($(du -h "$wheel" | cut -f1))"
 
 echo "check-wheel: installing it into a fresh environment"
