@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CARGO ?= cargo
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup engine build demo test test-rust test-python lint fmt bench bench-rust bench-python fuzz clean
+.PHONY: setup engine build demo test test-rust test-python lint fmt bench bench-rust bench-python fuzz check-wheel clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -60,7 +60,17 @@ bench-python: setup
 clean:
 	rm -rf target .pytest_cache .mypy_cache .ruff_cache
 
-## fuzz: a short libFuzzer run of the stream decoder (cargo-fuzz; stable toolchain via RUSTC_BOOTSTRAP)
+## fuzz: libFuzzer on every parser of outside bytes, FUZZ_SECONDS (default 60) per target
+## (cargo-fuzz; stable toolchain via RUSTC_BOOTSTRAP). Any crash fails the run.
+FUZZ_TARGETS := decode_stream rsd1_decode arc_v2_decode safetensors_header npy_parse
+FUZZ_SECONDS ?= 60
 fuzz:
 	cargo install cargo-fuzz --locked -q || true
-	cd rust/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run decode_stream --fuzz-dir . -- -max_total_time=$${FUZZ_SECONDS:-60} -max_len=8192
+	cd rust/fuzz && for t in $(FUZZ_TARGETS); do \
+	  RUSTC_BOOTSTRAP=1 cargo fuzz run $$t --fuzz-dir . -- -max_total_time=$(FUZZ_SECONDS) -max_len=16384 || exit 1; \
+	done
+
+## check-wheel: the release wheel in a fresh venv without torch/vLLM, sampling from
+## ROLLSTREAM_TEST_SERVER (tokenizer from ROLLSTREAM_TEST_TOKENIZER)
+check-wheel: $(PY)
+	PYTHON=$(PY) ./scripts/check-wheel.sh

@@ -5,39 +5,33 @@ Compared in one run: the SkyRL-style path (Python list of lists ->
 torch.tensor -> scatter -> masked_fill), a numpy CSR -> torch index-ops path,
 rollstream's kernel, and a plain ``fill_`` of the same tensor (the memory
 bound). Then the whole way from mask JSON in the stream to masked logits:
-json.loads + the list path vs rollstream's stream decoder + kernel."""
+json.loads + the list path vs rollstream's stream decoder + kernel. Every
+path: best of the same number of rounds (_timing.ROUNDS)."""
 
 from __future__ import annotations
 
-import gc
 import json
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
+from _timing import ROUNDS
+from _timing import best_of as best
 
 import rollstream
 from rollstream.masks import SamplingMask, apply_sampling_mask
-
-torch = pytest.importorskip("torch")
+from rollstream.testing import need
 
 T, K, V = 4096, 512, 151936
 
 
-def best(fn: Callable[[], Any], repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+@pytest.fixture(scope="module")
+def torch() -> Any:
+    return need("torch")
 
 
 @pytest.fixture(scope="module")
-def data() -> dict[str, Any]:
+def data(torch: Any) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     rows = [np.sort(rng.choice(V, size=K, replace=False)).astype(np.int32) for _ in range(T)]
     return {
@@ -48,12 +42,14 @@ def data() -> dict[str, Any]:
 
 
 def skyrl_path(logits: Any, rows_list: list[list[int]]) -> Any:
+    torch = need("torch")
     idx = torch.tensor(rows_list, dtype=torch.long)
     keep = torch.zeros(logits.shape, dtype=torch.bool).scatter_(1, idx, True)
     return logits.masked_fill_(~keep, float("-inf"))
 
 
 def csr_index_path(logits: Any, mask: SamplingMask) -> Any:
+    torch = need("torch")
     rows = torch.from_numpy(np.repeat(np.arange(mask.rows), mask.sizes()))
     cols = torch.from_numpy(mask.token_ids.astype(np.int64))
     kept = logits[rows, cols]
@@ -62,7 +58,7 @@ def csr_index_path(logits: Any, mask: SamplingMask) -> Any:
     return logits
 
 
-def test_apply_masks(data: dict[str, Any], report: Any) -> None:
+def test_apply_masks(torch: Any, data: dict[str, Any], report: Any) -> None:
     logits, rows_list, mask = data["logits"], data["rows_list"], data["mask"]
     work = logits.clone()
     gb = logits.numel() * 4 / 1e9
@@ -76,7 +72,8 @@ def test_apply_masks(data: dict[str, Any], report: Any) -> None:
     assert torch.equal(apply_sampling_mask(work.copy_(logits), mask, inplace=True), ref)
     t_fill = best(lambda: work.fill_(float("-inf")))
     report.add(
-        f"sampling masks, T={T} k={K} V={V} float32 on CPU ({gb:.2f} GB of logits; a copy subtracted):"
+        f"sampling masks, T={T} k={K} V={V} float32 on CPU ({gb:.2f} GB of logits; a copy subtracted), "
+        f"best of {ROUNDS} rounds each:"
     )
     for label, t in [
         ("SkyRL list -> scatter -> masked_fill", t_list),

@@ -4,25 +4,23 @@ checkpoints (~270-330 MB), for a dense Adam-like step and a sparse update
 (10% of elements change); Adler-32 vs zlib.adler32 and a numpy copy (the
 memory bound). Reference arc_v3 is slow and runs on a 64 MB subset; rsd1 is also reported
 on that same subset, so ratios compare like with like. Every figure is the
-best of 3 runs."""
+best of the same number of rounds (_timing.ROUNDS)."""
 
 from __future__ import annotations
 
-import gc
-import time
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
+from _timing import ROUNDS, timed
 
 from rollstream import snapshots
-
-torch = pytest.importorskip("torch")
+from rollstream.testing import need
 
 
 def checkpoint(dtype: Any, layers: int, hidden: int = 1024, vocab: int = 32000) -> dict[str, Any]:
+    torch = need("torch")
     g = torch.Generator().manual_seed(0)
     inter = hidden * 11 // 4
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}
@@ -38,6 +36,7 @@ def checkpoint(dtype: Any, layers: int, hidden: int = 1024, vocab: int = 32000) 
 
 
 def update(base: dict[str, Any], kind: str) -> dict[str, Any]:
+    torch = need("torch")
     g = torch.Generator().manual_seed(1)
     out = {}
     for k, v in base.items():
@@ -53,17 +52,6 @@ def nbytes(d: dict[str, Any]) -> int:
     return sum(t.numel() * t.element_size() for t in d.values())
 
 
-def timed(fn: Callable[[], Any], repeat: int = 3) -> tuple[float, Any]:
-    """Best of ``repeat`` runs (this shared 2-core machine is noisy)."""
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        gc.collect()
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def subset(d: dict[str, Any], limit: int) -> dict[str, Any]:
     out, total = {}, 0
     for k, v in d.items():
@@ -75,17 +63,18 @@ def subset(d: dict[str, Any], limit: int) -> dict[str, Any]:
 
 
 SCENARIOS = [
-    ("dense f32", torch.float32, 4, "dense"),
-    ("dense bf16", torch.bfloat16, 8, "dense"),
-    ("sparse f32", torch.float32, 4, "sparse"),
-    ("sparse bf16", torch.bfloat16, 8, "sparse"),
+    ("dense f32", "float32", 4, "dense"),
+    ("dense bf16", "bfloat16", 8, "dense"),
+    ("sparse f32", "float32", 4, "sparse"),
+    ("sparse bf16", "bfloat16", 8, "sparse"),
 ]
 
 
 @pytest.mark.parametrize(("label", "dtype", "layers", "kind"), SCENARIOS)
-def test_delta_codecs(label: str, dtype: Any, layers: int, kind: str, report: Any) -> None:
-    fdc = pytest.importorskip("fireworks_delta_compression.compression")
-    base = checkpoint(dtype, layers)
+def test_delta_codecs(label: str, dtype: str, layers: int, kind: str, report: Any) -> None:
+    torch = need("torch")
+    fdc = need("fireworks_delta_compression.compression")
+    base = checkpoint(getattr(torch, dtype), layers)
     new = update(base, kind)
     size = nbytes(new)
     rows = []
@@ -129,7 +118,9 @@ def test_delta_codecs(label: str, dtype: Any, layers: int, kind: str, report: An
     sub_blob = snapshots.encode_delta_tensors(sb, sn, "rsd1")
     rows.append(("rollstream rsd1 (64 MB subset)", float("nan"), float("nan"), nbytes(sn) / len(sub_blob), 0))
     ref_v2 = rows[0]
-    report.add(f"delta codecs, {label} ({size / 1e6:.0f} MB, {len(new)} tensors):")
+    report.add(
+        f"delta codecs, {label} ({size / 1e6:.0f} MB, {len(new)} tensors), best of {ROUNDS} rounds each:"
+    )
     for name, enc, dec, ratio, _ in rows:
         speed = f"encode {enc / 1e6:7.1f} MB/s  decode {dec / 1e6:7.1f} MB/s" if enc == enc else " " * 40
         versus = f"  encode speed vs reference arc_v2 {enc / ref_v2[1]:5.1f}x" if enc == enc else ""
@@ -145,7 +136,7 @@ def test_adler32(report: Any) -> None:
     t_copy = timed(lambda: np.copyto(dst, data))[0]
     assert snapshots.adler32(data) == zlib.adler32(raw)
     gb = data.nbytes / 1e9
-    report.add(f"adler32 over {data.nbytes >> 20} MB:")
+    report.add(f"adler32 over {data.nbytes >> 20} MB, best of {ROUNDS} rounds each:")
     report.add(f"  rollstream adler32 {gb / t_ours:6.2f} GB/s   ({t_zlib / t_ours:5.1f}x zlib)")
     report.add(f"  zlib.adler32       {gb / t_zlib:6.2f} GB/s")
     report.add(

@@ -13,13 +13,14 @@ from rollstream.testing import LocalVLLM
 pytestmark = pytest.mark.engine
 
 PROMPT = [151644, 872, 198, 9707, 0, 2585, 525, 498, 3351, 30, 151645, 198, 151644, 77091, 198]
+MAX_TOKENS = 24
 
 
 def _body(server: LocalVLLM, stream: bool, **kw: object) -> dict[str, object]:
     body: dict[str, object] = {
         "model": server.served_model_name,
         "prompt": PROMPT,
-        "max_tokens": 24,
+        "max_tokens": MAX_TOKENS,
         "temperature": 0.0,
         "return_token_ids": True,
         "logprobs": 2,
@@ -42,7 +43,7 @@ def test_greedy_stream_matches_non_stream_and_echoes_prompt(vllm_server: LocalVL
     ref = plain["choices"][0]
     assert choice.token_ids.dtype == np.int64
     assert choice.token_ids.tolist() == ref["token_ids"]
-    assert len(choice.token_ids) == 24
+    assert len(choice.token_ids) == MAX_TOKENS
     assert choice.prompt_token_ids is not None
     assert choice.prompt_token_ids.tolist() == PROMPT
     assert choice.finish_reason == ref["finish_reason"] == "length"
@@ -52,7 +53,7 @@ def test_greedy_stream_matches_non_stream_and_echoes_prompt(vllm_server: LocalVL
     assert streamed.request_id == "cmpl-smoke-1"
     assert streamed.usage is not None
     assert streamed.usage.prompt_tokens == len(PROMPT)
-    assert streamed.usage.completion_tokens == 24
+    assert streamed.usage.completion_tokens == MAX_TOKENS
     assert "queue_time_ms" in streamed.metrics
 
 
@@ -70,13 +71,13 @@ def test_incremental_decoder_on_live_stream(vllm_server: LocalVLLM) -> None:
     result = dec.finish()
     assert [c.index for c in result.choices] == [0, 1]
     for c in result.choices:
-        assert len(c.token_ids) == 24
+        assert len(c.token_ids) == MAX_TOKENS
         assert c.logprobs is not None
         assert np.isfinite(c.logprobs).all()
         assert c.top_logprobs is not None
-        assert len(c.top_logprobs) == 24
+        assert len(c.top_logprobs) == MAX_TOKENS
         # The sampled token is always among its row's candidates (strings here).
-        assert all(len(c.top_logprobs.row(t)) >= 1 for t in range(24))
+        assert all(len(c.top_logprobs.row(t)) >= 1 for t in range(MAX_TOKENS))
 
 
 def test_server_side_errors_before_streaming_are_http_errors(vllm_server: LocalVLLM) -> None:

@@ -20,12 +20,9 @@ from rollstream import ChatTokenizer, DeploymentSampler
 from rollstream._exceptions import HotloadError
 from rollstream.hotload import hotload
 from rollstream.snapshots import SnapshotChain, SnapshotStore
-from rollstream.testing import LocalVLLM
+from rollstream.testing import LocalVLLM, need
 
 pytestmark = pytest.mark.engine
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-st_numpy = pytest.importorskip("safetensors.numpy")
 
 CHAT = [{"role": "user", "content": "Tell me about weights."}]
 
@@ -47,6 +44,7 @@ def max_logprob_error(server: LocalVLLM, tok: ChatTokenizer, model_dir: Path) ->
         ) as s:
             return await s.sample_with_tokens(CHAT, n=2, max_tokens=24, logprobs=True, seed=9)
 
+    torch, transformers = need("torch"), need("transformers")
     samples = asyncio.run(go())
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     err = 0.0
@@ -74,6 +72,7 @@ def model_dir_with(tmp: Path, base_model: Path, weights_dir: Path) -> Path:
 def test_delta_hotload_serves_the_new_weights(
     vllm_server: LocalVLLM, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
+    st_numpy = need("safetensors.numpy")
     tok = ChatTokenizer.from_pretrained(tiny_model_dir)
     original = st_numpy.load_file(str(tiny_model_dir / "model.safetensors"))
     store = SnapshotStore(tmp_path / "bucket")
@@ -130,7 +129,9 @@ def test_hotload_failures_name_the_stage_and_resume(
     # is touched (vLLM's engine dies on such a reload).
     bogus = tmp_path / "bogus"
     bogus.mkdir()
-    st_numpy.save_file({"not.a.weight": np.zeros(3, np.float32)}, str(bogus / "model.safetensors"))
+    need("safetensors.numpy").save_file(
+        {"not.a.weight": np.zeros(3, np.float32)}, str(bogus / "model.safetensors")
+    )
     with pytest.raises(HotloadError, match="does not match the served checkpoint") as info:
         hotload(vllm_server.url, bogus, "bogus", reference_dir=tiny_model_dir)
     assert info.value.stage == "check"

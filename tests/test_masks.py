@@ -1,5 +1,5 @@
 """apply_sampling_mask and friends: numpy and torch, batched, autograd,
-dense/bit forms, and the error contract."""
+dense/bit forms, and the error contract. Only the torch tests need torch."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rollstream.masks import SamplingMask, apply_sampling_mask, to_dense
-
-torch = pytest.importorskip("torch")
+from rollstream.testing import need
 
 
 def reference(logits: np.ndarray, mask: SamplingMask, start: int, fill: float = -np.inf) -> np.ndarray:
@@ -43,6 +42,7 @@ def test_numpy_matches_reference(dtype: type) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_torch_cpu_kernel_and_autograd_paths_agree(dtype: str) -> None:
+    torch = need("torch")
     dt = getattr(torch, dtype)
     rng = np.random.default_rng(1)
     base = torch.randn(8, 500).to(dt)
@@ -66,6 +66,14 @@ def test_batched_with_padding_and_per_sequence_starts() -> None:
     np.testing.assert_array_equal(out[0], reference(logits[0], masks[0], 5))
     np.testing.assert_array_equal(out[1], logits[1])
     np.testing.assert_array_equal(out[2], reference(logits[2], masks[2], 1))
+
+
+def test_batched_torch_equals_batched_numpy() -> None:
+    torch = need("torch")
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((3, 9, 64)).astype(np.float32)
+    masks = [random_mask(rng, 4, 64, 5), None, random_mask(rng, 2, 64, 9)]
+    out = apply_sampling_mask(logits, masks, start=[5, 0, 1])
     t = apply_sampling_mask(torch.from_numpy(logits).requires_grad_(True), masks, start=[5, 0, 1])
     np.testing.assert_array_equal(t.detach().numpy(), out)
 
@@ -77,7 +85,9 @@ def test_forms_round_trip() -> None:
     assert dense.shape == (7, 151936)
     assert dense.sum() == len(mask.token_ids)
     bits = mask.to_bits(151936)
-    assert bits.shape == (7, 18992)
+    unpacked = np.unpackbits(bits, axis=1, count=151936, bitorder="little").astype(bool)
+    np.testing.assert_array_equal(unpacked, dense)
+    assert bits.shape[1] * 8 - 151936 in range(8), "padding is less than one byte"
     back = SamplingMask.from_bits(bits, 151936)
     np.testing.assert_array_equal(back.token_ids, mask.token_ids)
     np.testing.assert_array_equal(back.offsets, mask.offsets)
@@ -97,7 +107,12 @@ def test_bad_masks_name_the_row_and_write_nothing(ids: list[int], offsets: list[
     with pytest.raises(ValueError, match=fragment):
         apply_sampling_mask(logits, mask, inplace=True)
     assert not np.isinf(logits).any()
-    with pytest.raises(ValueError, match=fragment):
+
+
+def test_bad_masks_raise_the_same_error_on_torch() -> None:
+    torch = need("torch")
+    mask = SamplingMask(np.array([1, 70]), np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="row 1: token id 70"):
         apply_sampling_mask(torch.zeros(4, 64, requires_grad=True), mask)
 
 
@@ -122,3 +137,11 @@ def test_property_matches_reference(rows: int, vocab: int, k: int, seed: int) ->
     logits = rng.standard_normal((rows + 2, vocab)).astype(np.float32)
     mask = random_mask(rng, rows, vocab, k)
     np.testing.assert_array_equal(apply_sampling_mask(logits, mask, start=1), reference(logits, mask, 1))
+
+
+def test_dense_forms_check_the_vocabulary_before_allocating() -> None:
+    mask = SamplingMask.from_rows([[1], [2]])
+    with pytest.raises(ValueError, match="vocab_size=1099511627776"):
+        mask.to_dense(2**40)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        mask.to_dense(2)

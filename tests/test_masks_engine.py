@@ -13,11 +13,9 @@ import pytest
 
 from rollstream import ChatTokenizer, DeploymentSampler
 from rollstream.masks import apply_sampling_mask
-from rollstream.testing import LocalVLLM
+from rollstream.testing import LocalVLLM, need
 
 pytestmark = pytest.mark.engine
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 CHAT = [{"role": "user", "content": "Sample me something."}]
 TEMPERATURE, TOP_K, TOP_P = 0.7, 20, 0.9
@@ -47,6 +45,7 @@ def sample(server: LocalVLLM, tok: ChatTokenizer, endpoint: str) -> tuple[Any, s
 def test_masks_reproduce_vllm_processed_logprobs(
     vllm_server: LocalVLLM, tiny_model_dir: Path, endpoint: str, record_property: Any
 ) -> None:
+    torch, transformers = need("torch"), need("transformers")
     tok = ChatTokenizer.from_pretrained(tiny_model_dir)
     samples, path = sample(vllm_server, tok, endpoint)
     assert path == "plugin"  # the CPU build has no native --return-sampling-mask

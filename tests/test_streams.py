@@ -3,6 +3,7 @@ property tests (chunking, mutation, truncation) and the error contract."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from pathlib import Path
@@ -236,7 +237,7 @@ def test_feed_type_errors_and_reuse() -> None:
         dec.feed("data: x")  # type: ignore[arg-type]
     dec.feed(bytearray(SMALL))
     assert dec.done
-    assert dec.tokens == 64
+    assert dec.tokens == sum(len(c.token_ids) for c in parse_stream(SMALL).choices) > 0
     dec.finish()
     with pytest.raises(RuntimeError, match="finished"):
         dec.finish()
@@ -253,6 +254,36 @@ def test_errors_pickle_round_trip() -> None:
     assert t.offset == 9
 
 
-def test_public_names() -> None:
-    assert rollstream.parse_stream is parse_stream
-    assert issubclass(StreamTruncatedError, rollstream.RollstreamError)
+def test_public_names_resolve_and_errors_share_one_base() -> None:
+    for name in rollstream.__all__:
+        assert hasattr(rollstream, name), name
+    errors = [getattr(rollstream, n) for n in rollstream.__all__ if n.endswith("Error")]
+    assert errors
+    for cls in errors:
+        assert issubclass(cls, rollstream.RollstreamError), cls
+
+
+def test_an_event_past_max_event_bytes_is_a_protocol_error() -> None:
+    dec = StreamDecoder(max_event_bytes=4096)
+    dec.feed(b"data: ")
+    for _ in range(4):
+        dec.feed(b"x" * 1000)
+    with pytest.raises(StreamProtocolError, match="max_event_bytes=4096") as info:
+        dec.feed(b"x" * 1000)
+    assert info.value.offset == 0
+    body = b'data: {"choices":[]}\n\ndata: ' + b"y" * 5000 + b"\n\ndata: [DONE]\n\n"
+    with pytest.raises(StreamProtocolError, match="max_event_bytes=4096"):
+        parse_stream(body, max_event_bytes=4096)
+    assert parse_stream(body.replace(b"y" * 5000, b"{}")).events == 3
+
+
+def test_routed_experts_with_a_non_ascii_dtype_are_a_protocol_error() -> None:
+    # Found by the npy_parse fuzz target: the .npy reader sliced the dtype
+    # string inside a multi-byte character and panicked.
+    header = b"{'descr': '\xd9\x9a4', 'fortran_order': False, 'shape': (1,), }\n"
+    npy = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(4)
+    event = json.dumps(
+        {"choices": [{"index": 0, "token_ids": [1], "routed_experts": base64.b64encode(npy).decode()}]}
+    )
+    with pytest.raises(StreamProtocolError, match="routed_experts"):
+        parse_stream(b"data: " + event.encode() + b"\n\ndata: [DONE]\n\n")

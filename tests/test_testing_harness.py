@@ -14,7 +14,7 @@ import pytest
 
 from rollstream import EngineStartError
 from rollstream._supervise import group_members
-from rollstream.testing import LocalVLLM, TinyModelSpec, tiny_model
+from rollstream.testing import LocalVLLM, TinyModelSpec, need, tiny_model
 from rollstream.testing.pytest_plugin import require_engine
 
 
@@ -34,8 +34,12 @@ def test_tiny_model_is_deterministic_and_complete(tmp_path: Path, tiny_model_dir
     assert (again / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
     cfg = json.loads((again / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is True
-    assert cfg["head_dim"] == 64
-    assert cfg["vocab_size"] == TinyModelSpec.vocab_size >= 32000
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"):
+        assert cfg[key] == getattr(TinyModelSpec, key), key
+    from tokenizers import Tokenizer
+
+    # Every embedding row is reachable from the tokenizer, and every token has one.
+    assert cfg["vocab_size"] == Tokenizer.from_file(str(again / "tokenizer.json")).get_vocab_size()
 
 
 def test_tiny_model_tokenizer_is_real_qwen_bpe(tiny_model_dir: Path) -> None:
@@ -49,8 +53,8 @@ def test_tiny_model_tokenizer_is_real_qwen_bpe(tiny_model_dir: Path) -> None:
 
 
 def test_tiny_model_loads_in_transformers(tiny_model_dir: Path) -> None:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = need("torch")
+    transformers = need("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     with torch.no_grad():
         out = model(torch.tensor([[151644, 872, 198]])).logits
@@ -126,3 +130,14 @@ def test_session_server_runs_in_its_own_process_group(vllm_server: LocalVLLM) ->
     members = group_members(vllm_server.pgid)
     # supervisor + api server + engine core (at least)
     assert len(members) >= 3, members
+
+
+def test_need_imports_skips_or_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert need("json") is json
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("ROLLSTREAM_REQUIRE_ENGINE", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="rollstream_no_such_module"):
+        need("rollstream_no_such_module")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true forbids skipping"):
+        need("rollstream_no_such_module")

@@ -1,6 +1,9 @@
 """ChatTokenizer against transformers: recorded goldens (transformers 4.57.6
 and 5.23.0, tests/data/vectors) and the installed transformers, on real chat
 templates and tokenizers, plus hypothesis-generated conversations and texts.
+
+The goldens and the fast-path parity need only rollstream; the tests against
+the installed transformers import it themselves (rollstream.testing.need).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from rollstream import ChatFormatError, ChatTokenizer, TemplateError
+from rollstream.testing import need
 
 VECTORS = Path(__file__).parent / "data" / "vectors"
 CONVERSATIONS = {
@@ -124,11 +128,10 @@ def test_encode_chats_matches_single_calls() -> None:
 
 # -- the installed transformers -------------------------------------------------
 
-transformers = pytest.importorskip("transformers")
-
 
 @cache
 def hf_tokenizer(name: str) -> Any:
+    transformers = need("transformers")
     files, cfg = TOKENIZER_FILES[name]
     config = json.loads((VECTORS / cfg).read_text())
     kwargs = {k: v for k, v in config.items() if k in ("bos_token", "eos_token", "unk_token", "pad_token")}
@@ -235,6 +238,7 @@ def test_long_messages_match(text: str) -> None:
 
 
 def test_tiny_model_tokenizer_matches_transformers(tiny_model_dir: Path) -> None:
+    transformers = need("transformers")
     ours = ChatTokenizer.from_pretrained(tiny_model_dir)
     hf = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
     conv = CONVERSATIONS["multi_turn"]["messages"]

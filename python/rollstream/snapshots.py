@@ -1,5 +1,5 @@
-"""Weight snapshots: checksums, delta codecs, a verified snapshot store, the
-and the trainer's save chain. Loading a snapshot into a running server is
+"""Weight snapshots: checksums, delta codecs, a verified snapshot store and
+the trainer's save chain. Loading a snapshot into a running server is
 :mod:`rollstream.hotload`.
 
 Codecs (Rust core, GIL released, all cores):
@@ -8,8 +8,9 @@ Codecs (Rust core, GIL released, all cores):
   ``alder32`` checksums); interoperable with ``fireworks-delta-compression``.
 - ``rsd1``: rollstream's own format: chunked (parallel, bounded memory),
   bit-pattern differences in byte planes (unchanged exponent bytes compress
-  away), sparse chunks as bitmap + values, XXH3 per chunk (corruption and a
-  wrong base are named by tensor and chunk), deterministic, no pickle.
+  away), sparse chunks as the gaps between changed elements + their planes,
+  XXH3 per chunk (corruption and a wrong base are named by tensor and
+  chunk), deterministic, no pickle.
 
 Nothing is ever written where a result would live unless the whole result
 verified: outputs are written to a temporary file or directory and renamed.
@@ -40,6 +41,7 @@ __all__ = [
     "SnapshotInfo",
     "SnapshotStore",
     "adler32",
+    "confined",
     "decode_delta",
     "decode_delta_tensors",
     "encode_delta",
@@ -49,7 +51,8 @@ __all__ = [
 ]
 
 DeltaFormat = Literal["arc_v2", "rsd1"]
-_IDENTITY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Matched with fullmatch: `$` alone also matches before a trailing newline.
+_IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 _NUMPY_TO_ST: dict[np.dtype[Any], str] = {
     np.dtype(np.bool_): "BOOL",
@@ -225,7 +228,7 @@ def decode_delta_tensors(base: Mapping[str, Any], delta: bytes | bytearray | mem
 def check_identity(identity: str) -> str:
     """Snapshot identities are path components: letters, digits, ``._-``,
     starting with a letter or digit; no separators, no ``..``."""
-    if not isinstance(identity, str) or not _IDENTITY.match(identity) or ".." in identity:
+    if not isinstance(identity, str) or not _IDENTITY.fullmatch(identity) or ".." in identity:
         raise ValueError(
             f"invalid snapshot identity {identity!r}: use 1-128 characters of [A-Za-z0-9._-], "
             "starting with a letter or digit, without '..'"
@@ -250,7 +253,38 @@ class SnapshotInfo:
 
     @property
     def nbytes(self) -> int:
-        return sum((self.path / f).stat().st_size for f in self.files)
+        return sum(self.file(i).stat().st_size for i in range(len(self.files)))
+
+    def file(self, index: int = 0) -> Path:
+        """The path of ``files[index]``, checked to lie inside the snapshot's
+        directory (see :func:`confined`)."""
+        return confined(self.path, self.files[index], self.identity)
+
+
+def confined(directory: Path, name: object, identity: str) -> Path:
+    """``directory / name`` if ``name`` is a relative path that stays inside
+    ``directory`` once every symlink is resolved; else
+    :class:`SnapshotCorruptError`. Manifests are data: a ``files`` entry of
+    ``../x``, ``/etc/passwd`` or a symlink out of the store must not make the
+    store read (or hot-load) a file outside it."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise SnapshotCorruptError(
+            f"manifest of {identity!r} names an invalid file {name!r}", path=str(directory)
+        )
+    rel = Path(name)
+    if rel.is_absolute() or rel.drive or ".." in rel.parts:
+        raise SnapshotCorruptError(
+            f"manifest of {identity!r} names {name!r}, outside its snapshot directory", path=str(directory)
+        )
+    path = directory / rel
+    root = directory.resolve()
+    if not path.resolve().is_relative_to(root) or path.resolve() == root:
+        raise SnapshotCorruptError(
+            f"manifest of {identity!r} names {name!r}, which resolves outside its snapshot directory "
+            f"(to {path.resolve()})",
+            path=str(path),
+        )
+    return path
 
 
 class SnapshotStore:
@@ -276,7 +310,14 @@ class SnapshotStore:
         return (self._dir(identity) / "manifest.json").exists()
 
     def identities(self) -> list[str]:
-        return sorted(p.parent.name for p in (self.root / "snapshots").glob("*/manifest.json"))
+        """Identities of the published snapshots. Staging (``.tmp-*``) and
+        trash (``.trash-*``) directories are never valid identities, so
+        in-progress and half-deleted snapshots are not listed."""
+        return sorted(
+            p.parent.name
+            for p in (self.root / "snapshots").glob("*/manifest.json")
+            if _IDENTITY.fullmatch(p.parent.name) and ".." not in p.parent.name
+        )
 
     def get(self, identity: str) -> SnapshotInfo:
         d = self._dir(identity)
@@ -287,7 +328,7 @@ class SnapshotStore:
         except (json.JSONDecodeError, OSError) as e:
             raise SnapshotCorruptError(f"manifest of {identity!r} is unreadable: {e}", path=str(d)) from e
         try:
-            return SnapshotInfo(
+            info = SnapshotInfo(
                 identity=m["identity"],
                 kind=m["kind"],
                 path=d,
@@ -299,6 +340,15 @@ class SnapshotStore:
             )
         except (KeyError, TypeError) as e:
             raise SnapshotCorruptError(f"manifest of {identity!r} lacks {e}", path=str(d)) from e
+        if info.identity != identity:
+            raise SnapshotCorruptError(
+                f"manifest in {identity!r} claims identity {info.identity!r}", path=str(d)
+            )
+        if not info.files:
+            raise SnapshotCorruptError(f"manifest of {identity!r} lists no files", path=str(d))
+        for i in range(len(info.files)):
+            info.file(i)
+        return info
 
     @contextlib.contextmanager
     def _staging(self, identity: str) -> Iterator[Path]:
@@ -415,10 +465,10 @@ class SnapshotStore:
         tmp = self.root / "materialized" / f".tmp-{identity}-{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
         try:
-            current = chain[0].path / "model.safetensors"
+            current = chain[0].file()
             for i, step in enumerate(chain[1:]):
                 out = tmp / f"step{i}.safetensors"
-                _core.decode_delta_files(current, step.path / step.files[0], out)
+                _core.decode_delta_files(current, step.file(), out)
                 if current.parent == tmp:
                     current.unlink()
                 current = out
@@ -532,27 +582,11 @@ class SnapshotChain:
 
 def safetensors_headers(weights_dir: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{tensor name: (dtype, shape)}`` over every ``*.safetensors`` file in
-    ``weights_dir``, read from the headers only. Raises
-    :class:`SnapshotCorruptError` on an unreadable header."""
+    ``weights_dir``, read from the headers only (the Rust core's one
+    safetensors parser, which validates every entry against the file's
+    size). Raises :class:`SnapshotCorruptError` naming the file, and the
+    tensor when one entry is malformed."""
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for f in sorted(weights_dir.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if n > 100 << 20:
-                raise SnapshotCorruptError(f"{f}: header length {n} is implausible", path=str(f))
-            try:
-                header = json.loads(fh.read(n))
-            except ValueError as e:
-                raise SnapshotCorruptError(f"{f}: unreadable safetensors header: {e}", path=str(f)) from e
-        if not isinstance(header, dict):
-            raise SnapshotCorruptError(f"{f}: safetensors header is not a JSON object", path=str(f))
-        for k, v in header.items():
-            if k == "__metadata__":
-                continue
-            try:
-                out[k] = (str(v["dtype"]), tuple(int(d) for d in v["shape"]))
-            except (KeyError, TypeError, ValueError) as e:
-                raise SnapshotCorruptError(
-                    f"{f}: tensor {k!r} has a malformed header entry {v!r}", path=str(f)
-                ) from e
+        out.update(_core.safetensors_header(f))
     return out

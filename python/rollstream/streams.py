@@ -12,6 +12,11 @@ Two entry points:
 
 Logprobs are faithful to the wire: vLLM clamps them at ``-9999.0`` (kept as
 is) and sends NaN as ``null`` (kept as NaN, never turned into 0).
+
+One event may buffer at most ``max_event_bytes`` (default
+:data:`DEFAULT_MAX_EVENT_BYTES`, 64 MiB) before its terminating blank line:
+a server that never sends one gets :class:`~rollstream.StreamProtocolError`
+instead of growing the client's memory without bound.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ._exceptions import StreamServerError
 from .masks import SamplingMask
 
 __all__ = [
+    "DEFAULT_MAX_EVENT_BYTES",
     "ServerErrorInfo",
     "StreamChoice",
     "StreamDecoder",
@@ -42,6 +48,9 @@ __all__ = [
 Int64Array = npt.NDArray[np.int64]
 Float32Array = npt.NDArray[np.float32]
 Candidate: TypeAlias = Union[int, str]  # noqa: UP007 - runtime alias on 3.10
+
+#: Cap on one SSE event's buffered bytes: far above any vLLM event, far below memory.
+DEFAULT_MAX_EVENT_BYTES = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,27 +269,34 @@ def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
     raise TypeError(f"expected bytes, bytearray or memoryview, got {type(data).__name__}")
 
 
-def parse_stream(body: bytes | bytearray | memoryview, *, raise_on_error: bool = True) -> StreamResult:
+def parse_stream(
+    body: bytes | bytearray | memoryview,
+    *,
+    raise_on_error: bool = True,
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+) -> StreamResult:
     """Decode a complete vLLM SSE response body.
 
     Raises :class:`~rollstream.StreamTruncatedError` when the body is cut
-    short, :class:`~rollstream.StreamProtocolError` when it is malformed, and
+    short, :class:`~rollstream.StreamProtocolError` when it is malformed (or
+    one event exceeds ``max_event_bytes``), and
     (unless ``raise_on_error=False``) :class:`~rollstream.StreamServerError`
     when the server reported an error inside the stream; with
     ``raise_on_error=False`` that error is in :attr:`StreamResult.error`.
     """
-    result = _result(_core.decode_stream(_as_bytes(body)))
+    result = _result(_core.decode_stream(_as_bytes(body), max_event_bytes=max_event_bytes))
     return result.raise_for_error() if raise_on_error else result
 
 
 class StreamDecoder:
     """Incremental decoder: :meth:`feed` body chunks as they arrive (any
-    sizes, any split points), then :meth:`finish`."""
+    sizes, any split points), then :meth:`finish`. ``max_event_bytes`` caps
+    what one event may buffer before its blank line."""
 
     __slots__ = ("_inner",)
 
-    def __init__(self) -> None:
-        self._inner = _core.StreamDecoder()
+    def __init__(self, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self._inner = _core.StreamDecoder(max_event_bytes=max_event_bytes)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Decode the next chunk. Raises :class:`~rollstream.StreamProtocolError`

@@ -26,14 +26,14 @@ from typing import Any
 import pytest
 
 from ._model import tiny_model
+from ._need import strict
 from ._server import LocalVLLM, engine_available
 
 SESSION_MAX_NUM_SEQS = 8
 
 
 def engine_required() -> bool:
-    flag = os.environ.get("ROLLSTREAM_REQUIRE_ENGINE") or os.environ.get("CI") or ""
-    return flag.lower() in ("1", "true", "yes")
+    return strict()
 
 
 def require_engine() -> None:

@@ -31,11 +31,11 @@ fn bench(c: &mut Criterion) {
                 let mut p = SseParser::new();
                 let mut n = 0usize;
                 for chunk in body.chunks(16 * 1024) {
-                    p.feed::<(), _>(chunk, |e| {
+                    p.feed::<rollstream_core::sse::EventTooLarge, _>(chunk, |e| {
                         n += e.data.len();
                         Ok(())
                     })
-                    .expect("infallible sink");
+                    .expect("events below the cap");
                 }
                 n
             })

@@ -5,8 +5,8 @@
 //! - vLLM's per-request `metrics.queue_time_ms` (`--enable-per-request-metrics`):
 //!   time from queued to scheduled in the engine;
 //! - client-measured time to first token, minus a running baseline (the
-//!   least recent TTFT, i.e. prefill without queueing), when the server
-//!   sends no metrics;
+//!   smallest of the last 256 TTFTs, i.e. prefill without queueing), when
+//!   the server sends no metrics;
 //! - congestion: HTTP 429/503 or a transport error, which shrink at once.
 //!
 //! Queue samples are averaged per interval (every `interval` samples, or at
@@ -160,11 +160,6 @@ impl Aimd {
     /// The number of requests that may be in flight.
     pub fn window(&self) -> usize {
         self.window.floor().max(self.cfg.min_window) as usize
-    }
-
-    /// Force the window (e.g. a user override), clamped to the bounds.
-    pub fn set_window(&mut self, w: f64) {
-        self.window = w.clamp(self.cfg.min_window, self.cfg.max_window);
     }
 
     /// Feed one signal observed at time `now` (seconds). Returns whether the

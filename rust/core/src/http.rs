@@ -33,6 +33,8 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Cap on one SSE event's buffered bytes (see [`crate::sse`]).
+    pub max_event_bytes: usize,
 }
 
 impl Default for ClientConfig {
@@ -42,6 +44,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(10),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 1024,
+            max_event_bytes: crate::sse::DEFAULT_MAX_EVENT_BYTES,
         }
     }
 }
@@ -147,6 +150,7 @@ pub struct StreamClient {
     runtime: Option<tokio::runtime::Runtime>,
     client: HyperClient<HttpConnector, Full<Bytes>>,
     in_flight: Arc<AtomicU64>,
+    max_event_bytes: usize,
 }
 
 impl fmt::Debug for StreamClient {
@@ -172,7 +176,8 @@ impl StreamClient {
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
             .build(connector);
-        Ok(StreamClient { runtime: Some(runtime), client, in_flight: Arc::new(AtomicU64::new(0)) })
+        let max_event_bytes = config.max_event_bytes;
+        Ok(StreamClient { runtime: Some(runtime), client, in_flight: Arc::new(AtomicU64::new(0)), max_event_bytes })
     }
 
     /// Requests currently in flight.
@@ -186,6 +191,7 @@ impl StreamClient {
         let task_progress = progress.clone();
         let client = self.client.clone();
         let in_flight = self.in_flight.clone();
+        let max_event_bytes = self.max_event_bytes;
         in_flight.fetch_add(1, Ordering::Relaxed);
         let Some(runtime) = &self.runtime else {
             done(Err(HttpError::Cancelled));
@@ -197,7 +203,7 @@ impl StreamClient {
             let result = tokio::select! {
                 biased;
                 _ = wait_cancel(&task_progress) => Err(HttpError::Cancelled),
-                r = tokio::time::timeout(total, run(client, req, &task_progress, started)) => match r {
+                r = tokio::time::timeout(total, run(client, req, &task_progress, started, max_event_bytes)) => match r {
                     Ok(r) => r,
                     Err(_) => Err(HttpError::Timeout {
                         phase: "(total deadline)",
@@ -261,6 +267,7 @@ async fn run(
     req: StreamRequest,
     progress: &Progress,
     started: Instant,
+    max_event_bytes: usize,
 ) -> Result<StreamOutcome, HttpError> {
     let http_req = build_request(&req)?;
     let idle = req.idle_timeout;
@@ -302,7 +309,7 @@ async fn run(
         text.truncate(MAX_ERROR_BODY);
         return Err(HttpError::Status { status, body: String::from_utf8_lossy(&text).into_owned(), retry_after });
     }
-    let mut decoder = StreamDecoder::new();
+    let mut decoder = StreamDecoder::with_max_event_bytes(max_event_bytes);
     loop {
         let frame = match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => {

@@ -10,6 +10,11 @@
 //! - [`snapshot`]: checksums, safetensors, arc_v2 and rsd1 delta codecs.
 //! - [`npy`]: the `.npy` payloads vLLM uses for routed experts.
 //! - [`router`]: sticky least-loaded routing over several engines.
+//! - [`timeouts`]: float seconds from callers, validated into durations.
+
+// Malformed input must come back as an error value, never a panic (see
+// STYLE.md): outside tests, unwrap/expect/panic need a local, argued allow.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod aimd;
 pub mod http;
@@ -19,6 +24,7 @@ pub mod npy;
 pub mod router;
 pub mod snapshot;
 pub mod sse;
+pub mod timeouts;
 pub mod tokenize;
 pub mod vllm;
 

@@ -30,8 +30,20 @@ impl MaskRef<'_> {
     }
 }
 
+/// Largest vocabulary a mask can index: token ids are int32.
+pub const MAX_VOCAB: usize = 1 << 31;
+
+/// Why a mask operation failed: bad arguments, or a result too large to
+/// allocate (told apart so Python raises `ValueError` or `MemoryError`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskErrorKind {
+    Invalid,
+    OutOfMemory,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MaskError {
+    pub kind: MaskErrorKind,
     pub row: Option<usize>,
     pub message: String,
 }
@@ -48,7 +60,7 @@ impl fmt::Display for MaskError {
 impl std::error::Error for MaskError {}
 
 fn err<T>(row: Option<usize>, message: impl Into<String>) -> Result<T, MaskError> {
-    Err(MaskError { row, message: message.into() })
+    Err(MaskError { kind: MaskErrorKind::Invalid, row, message: message.into() })
 }
 
 /// Check a mask against `vocab`, and `keep` (one id per row, negative = none).
@@ -125,9 +137,20 @@ pub fn apply<T: Copy + Send + Sync>(
 }
 
 /// Dense boolean form: `out[r * vocab + t]` is true when `t` is kept in row `r`.
+/// The size is checked (and the allocation fallible) before anything is
+/// allocated: a wrong `vocab` is an error, never an aborted process.
 pub fn to_dense(mask: MaskRef<'_>, vocab: usize) -> Result<Vec<bool>, MaskError> {
+    if vocab > MAX_VOCAB {
+        return err(None, format!("vocab_size={vocab} exceeds {MAX_VOCAB}, the most int32 token ids can index"));
+    }
     validate(mask, vocab, None)?;
-    let mut out = vec![false; mask.rows() * vocab];
+    let rows = mask.rows();
+    let oom = |what: String| MaskError { kind: MaskErrorKind::OutOfMemory, row: None, message: what };
+    let len = rows.checked_mul(vocab).ok_or_else(|| oom(format!("a dense mask of {rows} x {vocab} overflows")))?;
+    let mut out = Vec::new();
+    out.try_reserve_exact(len)
+        .map_err(|_| oom(format!("a dense mask of {rows} x {vocab} ({len} bytes) cannot be allocated")))?;
+    out.resize(len, false);
     out.par_chunks_mut(vocab.max(1)).enumerate().for_each(|(r, row)| {
         for &t in &mask.token_ids[mask.offsets[r] as usize..mask.offsets[r + 1] as usize] {
             row[t as usize] = true;
@@ -191,5 +214,18 @@ mod tests {
                 prop_assert_eq!(*v, if dense[i] { i as u32 } else { u32::MAX });
             }
         }
+    }
+
+    #[test]
+    fn dense_sizes_are_checked_before_allocating() {
+        let mask = MaskRef { token_ids: &[1, 2], offsets: &[0, 1, 2] };
+        let e = to_dense(mask, 1 << 40).unwrap_err();
+        assert_eq!(e.kind, MaskErrorKind::Invalid);
+        assert!(e.message.contains("vocab_size=1099511627776"), "{e}");
+        // Within the vocabulary limit but far beyond memory: an error, not an abort.
+        let offsets: Vec<i64> = vec![0; 1 << 20];
+        let e = to_dense(MaskRef { token_ids: &[], offsets: &offsets }, MAX_VOCAB).unwrap_err();
+        assert_eq!(e.kind, MaskErrorKind::OutOfMemory, "{e}");
+        assert_eq!(to_dense(mask, 3).unwrap(), vec![false, true, false, false, false, true]);
     }
 }

@@ -49,7 +49,9 @@ impl NpyDtype {
     }
 
     fn from_descr(descr: &str) -> Option<Self> {
-        let (order, code) = descr.split_at(descr.len().min(1));
+        // Checked: a descr starting with a multi-byte character has no byte 1
+        // boundary (found by the npy_parse fuzz target; `split_at` panicked).
+        let (order, code) = descr.split_at_checked(1)?;
         let d = match code {
             "u1" => NpyDtype::U8,
             "i1" => NpyDtype::I8,
@@ -224,5 +226,8 @@ mod tests {
         let mut t = npy("<i4", "(1,)", &[0; 4]);
         t.truncate(12);
         assert!(parse_npy(&t).is_err());
+        for descr in ["\u{65a}4", "\u{65a}", "", "<", "é<i4"] {
+            assert!(parse_npy(&npy(descr, "(1,)", &[0; 4])).is_err(), "{descr:?}");
+        }
     }
 }

@@ -6,14 +6,38 @@
 //! sequence is either an event stream or leaves a partial event that
 //! [`SseParser::finish`] reports as truncated.
 //!
-//! Deviation from the browser algorithm, on purpose: payload bytes are passed
-//! through unchanged instead of being decoded with U+FFFD replacement, so that
-//! invalid UTF-8 reaches the JSON layer and is reported as an error instead of
-//! being silently altered.
+//! Deviations from the browser algorithm, on purpose: payload bytes are
+//! passed through unchanged instead of being decoded with U+FFFD replacement,
+//! so that invalid UTF-8 reaches the JSON layer and is reported as an error
+//! instead of being silently altered; and one event (its data plus the line
+//! being read) may hold at most `max_event_bytes`, so a server that never
+//! sends a newline cannot make the client buffer without bound.
+
+use std::fmt;
 
 use memchr::memchr2;
 
 const BOM: [u8; 3] = [0xEF, 0xBB, 0xBF];
+
+/// Default cap on one event's buffered bytes: far above any vLLM event (a
+/// few KiB, a few MiB with large top-logprobs or masks), far below memory.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 << 20;
+
+/// An event grew past the parser's `max_event_bytes` without its blank line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventTooLarge {
+    /// Absolute offset of the event's first byte.
+    pub offset: u64,
+    pub limit: usize,
+}
+
+impl fmt::Display for EventTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "event exceeds max_event_bytes={} without ending (no blank line)", self.limit)
+    }
+}
+
+impl std::error::Error for EventTooLarge {}
 
 /// One dispatched event. Borrowed from the parser's buffers: valid only for
 /// the duration of the sink call.
@@ -43,10 +67,12 @@ pub enum SseEnd {
 
 /// Incremental WHATWG SSE parser.
 ///
-/// Invariant: `carry` holds the bytes of the current, unterminated line and
-/// nothing else; every complete line has been processed.
-#[derive(Debug, Default)]
+/// Invariants: `carry` holds the bytes of the current, unterminated line and
+/// nothing else; every complete line has been processed; `carry` plus `data`
+/// never exceed `max_event_bytes` (past it, feeding fails).
+#[derive(Debug)]
 pub struct SseParser {
+    max_event_bytes: usize,
     carry: Vec<u8>,
     carry_start: u64,
     data: Vec<u8>,
@@ -65,9 +91,36 @@ pub struct SseParser {
     bom_checked: bool,
 }
 
+impl Default for SseParser {
+    fn default() -> Self {
+        Self::with_max_event_bytes(DEFAULT_MAX_EVENT_BYTES)
+    }
+}
+
 impl SseParser {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A parser that fails with [`EventTooLarge`] once one event's buffered
+    /// bytes (its data and the line being read) exceed `max_event_bytes`.
+    pub fn with_max_event_bytes(max_event_bytes: usize) -> Self {
+        SseParser {
+            max_event_bytes,
+            carry: Vec::new(),
+            carry_start: 0,
+            data: Vec::new(),
+            has_data: false,
+            data_offset: 0,
+            event_type: Vec::new(),
+            last_event_id: Vec::new(),
+            retry_ms: None,
+            in_event: false,
+            event_start: 0,
+            skip_lf: false,
+            consumed: 0,
+            bom_checked: false,
+        }
     }
 
     /// The reconnection time requested by the last valid `retry:` field.
@@ -75,15 +128,12 @@ impl SseParser {
         self.retry_ms
     }
 
-    /// Total bytes fed so far.
-    pub fn consumed(&self) -> u64 {
-        self.consumed
-    }
-
     /// Feed the next chunk; `sink` is called for each event dispatched by it.
-    /// The sink's error aborts parsing and is returned unchanged.
+    /// The sink's error aborts parsing and is returned unchanged; an event
+    /// past the size cap is returned as `E::from(EventTooLarge)`.
     pub fn feed<E, F>(&mut self, mut chunk: &[u8], mut sink: F) -> Result<(), E>
     where
+        E: From<EventTooLarge>,
         F: FnMut(SseEvent<'_>) -> Result<(), E>,
     {
         let mut base = self.consumed;
@@ -111,6 +161,7 @@ impl SseParser {
 
     fn feed_lines<E, F>(&mut self, chunk: &[u8], base: u64, sink: &mut F) -> Result<(), E>
     where
+        E: From<EventTooLarge>,
         F: FnMut(SseEvent<'_>) -> Result<(), E>,
     {
         let mut pos = 0usize;
@@ -128,6 +179,7 @@ impl SseParser {
                 if self.carry.is_empty() {
                     self.carry_start = base + pos as u64;
                 }
+                self.check_size(rest.len())?;
                 self.carry.extend_from_slice(rest);
                 return Ok(());
             };
@@ -159,6 +211,7 @@ impl SseParser {
 
     fn process_line<E, F>(&mut self, line: &[u8], line_offset: u64, sink: &mut F) -> Result<(), E>
     where
+        E: From<EventTooLarge>,
         F: FnMut(SseEvent<'_>) -> Result<(), E>,
     {
         if line.is_empty() {
@@ -182,6 +235,7 @@ impl SseParser {
         }
         match field {
             b"data" => {
+                self.check_size(value.len() + 1)?;
                 if !self.has_data {
                     self.has_data = true;
                     self.data_offset = value_offset;
@@ -204,6 +258,17 @@ impl SseParser {
                 self.retry_ms = Some(ms);
             }
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// Fail when `more` bytes would take the current event (its data plus
+    /// the unterminated line) past the cap.
+    fn check_size(&self, more: usize) -> Result<(), EventTooLarge> {
+        let total = self.carry.len().saturating_add(self.data.len()).saturating_add(more);
+        if total > self.max_event_bytes {
+            let offset = if self.in_event { self.event_start } else { self.carry_start };
+            return Err(EventTooLarge { offset, limit: self.max_event_bytes });
         }
         Ok(())
     }
@@ -272,7 +337,7 @@ mod tests {
         let mut p = SseParser::new();
         let mut out = Vec::new();
         for c in chunks {
-            p.feed::<(), _>(c, |e| {
+            p.feed::<EventTooLarge, _>(c, |e| {
                 out.push(Ev {
                     ty: String::from_utf8_lossy(e.event_type).into(),
                     data: String::from_utf8_lossy(e.data).into(),
@@ -309,7 +374,7 @@ mod tests {
         assert_eq!(evs[0].data, "x\ny\n");
         assert_eq!(evs[0].id, "7");
         let mut p = SseParser::new();
-        p.feed::<(), _>(b"retry: 1500\n\nretry: x1\n\n", |_| Ok(())).unwrap();
+        p.feed::<EventTooLarge, _>(b"retry: 1500\n\nretry: x1\n\n", |_| Ok(())).unwrap();
         assert_eq!(p.retry_ms(), Some(1500));
     }
 
@@ -371,7 +436,7 @@ mod tests {
         assert_eq!(evs[1].offset, 9);
         let mut p = SseParser::new();
         let mut offs = vec![];
-        p.feed::<(), _>(b"\xEF\xBB\xBFdata:  x\n\n", |e| {
+        p.feed::<EventTooLarge, _>(b"\xEF\xBB\xBFdata:  x\n\n", |e| {
             offs.push(e.data_offset);
             Ok(())
         })
@@ -379,10 +444,63 @@ mod tests {
         assert_eq!(offs, vec![9]);
     }
 
+    #[derive(Debug, PartialEq)]
+    enum Stop {
+        Sink,
+        TooLarge(EventTooLarge),
+    }
+
+    impl From<EventTooLarge> for Stop {
+        fn from(e: EventTooLarge) -> Self {
+            Stop::TooLarge(e)
+        }
+    }
+
     #[test]
     fn sink_error_propagates() {
         let mut p = SseParser::new();
-        let r = p.feed(b"data: a\n\n", |_| Err("stop"));
-        assert_eq!(r, Err("stop"));
+        let r = p.feed(b"data: a\n\n", |_| Err(Stop::Sink));
+        assert_eq!(r, Err(Stop::Sink));
+    }
+
+    #[test]
+    fn events_past_the_cap_fail_however_they_arrive() {
+        // One endless line, fed in pieces: fails once the cap is passed.
+        let mut p = SseParser::with_max_event_bytes(64);
+        let mut fed = 0;
+        let err = loop {
+            match p.feed::<EventTooLarge, _>(b"data: xxxxxxxxxxxxxxxx", |_| Ok(())) {
+                Ok(()) => fed += 22,
+                Err(e) => break e,
+            }
+        };
+        assert!(fed <= 64, "buffered {fed} bytes past the cap");
+        assert_eq!(err, EventTooLarge { offset: 0, limit: 64 });
+        // Many short data lines without the blank line: same.
+        let mut p = SseParser::with_max_event_bytes(64);
+        let mut r = Ok(());
+        for _ in 0..20 {
+            r = p.feed(b"data: 0123456789\n", |_| Err(Stop::Sink));
+            if r.is_err() {
+                break;
+            }
+        }
+        assert_eq!(r, Err(Stop::TooLarge(EventTooLarge { offset: 0, limit: 64 })));
+        // At the cap itself, and for events that end, nothing fails.
+        let mut p = SseParser::with_max_event_bytes(64);
+        let event = [&b"data: "[..], &[b'y'; 63], b"\n\n"].concat();
+        let mut n = 0;
+        for _ in 0..3 {
+            p.feed::<EventTooLarge, _>(&event, |e| {
+                n += e.data.len();
+                Ok(())
+            })
+            .unwrap();
+        }
+        assert_eq!(n, 3 * 63);
+        // The offset names the event that grew too large.
+        let mut p = SseParser::with_max_event_bytes(8);
+        let r = p.feed::<EventTooLarge, _>(b"data: a\n\ndata: 0123456789\n", |_| Ok(()));
+        assert_eq!(r, Err(EventTooLarge { offset: 9, limit: 8 }));
     }
 }

@@ -1,6 +1,10 @@
 //! `rollstream._core`: PyO3 glue over `rollstream-core`. Only type conversion
 //! and GIL handling live here; behaviour lives in the core crate.
 
+// A panic here reaches Python as PanicException, which `except Exception`
+// misses: errors are PyErr values.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use pyo3::prelude::*;
 
 mod errors;
@@ -32,6 +36,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(snapshots::decode_delta_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(snapshots::write_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(snapshots::safetensors_checksums, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshots::safetensors_header, m)?)?;
     m.add_function(wrap_pyfunction!(snapshots::encode_delta_from_file, m)?)?;
     Ok(())
 }

@@ -1,12 +1,16 @@
 //! Bindings of the mask kernel: numpy arrays modified in place, GIL released.
 
 use numpy::{PyArray1, PyArrayDescrMethods, PyReadonlyArray1, PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::exceptions::PyMemoryError;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use rollstream_core::masks::{self, MaskError, MaskRef};
+use rollstream_core::masks::{self, MaskError, MaskErrorKind, MaskRef};
 
 fn mask_error(e: MaskError) -> PyErr {
-    PyValueError::new_err(e.to_string())
+    match e.kind {
+        MaskErrorKind::Invalid => PyValueError::new_err(e.to_string()),
+        MaskErrorKind::OutOfMemory => PyMemoryError::new_err(e.to_string()),
+    }
 }
 
 /// Mask rows of a C-contiguous, writeable 2-D float array in place.
@@ -68,6 +72,7 @@ pub fn apply_mask_inplace(
                 keep,
             ),
             s => Err(MaskError {
+                kind: MaskErrorKind::Invalid,
                 row: None,
                 message: format!("unsupported element size {s} (float16/bfloat16/float32/float64)"),
             }),

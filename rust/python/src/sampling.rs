@@ -9,15 +9,13 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use rollstream_core::aimd::{Aimd, AimdConfig, Signal};
 use rollstream_core::http::{ClientConfig, HttpError, Progress, StreamClient, StreamOutcome, StreamRequest};
+use rollstream_core::sse::DEFAULT_MAX_EVENT_BYTES;
 use rollstream_core::vllm::DecodeErrorKind;
 
 use crate::streams::output_to_py;
 
 fn duration(name: &str, secs: f64) -> PyResult<Duration> {
-    if !(secs.is_finite() && secs > 0.0) {
-        return Err(PyValueError::new_err(format!("{name}={secs} must be a positive number of seconds")));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    rollstream_core::timeouts::timeout_from_secs(name, secs).map_err(PyValueError::new_err)
 }
 
 fn outcome_to_py<'py>(py: Python<'py>, o: StreamOutcome) -> PyResult<Bound<'py, PyDict>> {
@@ -128,12 +126,18 @@ impl Drop for PyStreamClient {
 #[pymethods]
 impl PyStreamClient {
     #[new]
-    #[pyo3(signature = (worker_threads=1, connect_timeout=10.0, pool_idle_timeout=90.0))]
-    fn new(worker_threads: usize, connect_timeout: f64, pool_idle_timeout: f64) -> PyResult<Self> {
+    #[pyo3(signature = (worker_threads=1, connect_timeout=10.0, pool_idle_timeout=90.0, *, max_event_bytes=DEFAULT_MAX_EVENT_BYTES))]
+    fn new(
+        worker_threads: usize,
+        connect_timeout: f64,
+        pool_idle_timeout: f64,
+        max_event_bytes: usize,
+    ) -> PyResult<Self> {
         let cfg = ClientConfig {
             worker_threads,
             connect_timeout: duration("connect_timeout", connect_timeout)?,
             pool_idle_timeout: duration("pool_idle_timeout", pool_idle_timeout)?,
+            max_event_bytes,
             ..ClientConfig::default()
         };
         let client = StreamClient::new(cfg).map_err(|e| PyRuntimeError::new_err(format!("cannot start: {e}")))?;
@@ -241,10 +245,6 @@ impl PyAimd {
     #[getter]
     fn window(&self) -> PyResult<usize> {
         self.with(|a| a.window())
-    }
-
-    fn set_window(&self, w: f64) -> PyResult<()> {
-        self.with(|a| a.set_window(w))
     }
 
     /// Queue time (seconds) reported by the server; returns the new window.

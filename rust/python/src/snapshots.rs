@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
-use rollstream_core::snapshot::checksum;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 use rollstream_core::snapshot::delta::{self, EncodeOptions, Format, Named, Stats};
 use rollstream_core::snapshot::safetensors::{Dtype, TensorView};
 use rollstream_core::snapshot::SnapshotError;
+use rollstream_core::snapshot::{checkpoint, checksum, safetensors};
 
 use crate::errors;
 
@@ -42,7 +42,12 @@ impl Bytes {
         if !arr.is_c_contiguous() {
             return Err(PyValueError::new_err(format!("{what} must be C-contiguous")));
         }
-        let len = arr.shape().iter().product::<usize>() * arr.dtype().itemsize();
+        // numpy guarantees an array's byte size fits isize; checked anyway.
+        let len = arr
+            .shape()
+            .iter()
+            .try_fold(arr.dtype().itemsize(), |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| PyValueError::new_err(format!("{what} is larger than memory")))?;
         // SAFETY: a valid PyArrayObject; `data` points at `len` bytes of a
         // C-contiguous array.
         let ptr = unsafe { (*numpy::npyffi::_PyArray_GET_ITEM_DATA(arr.as_array_ptr())).data as *const u8 };
@@ -101,15 +106,8 @@ fn stats_dict<'py>(py: Python<'py>, s: Stats) -> PyResult<Bound<'py, PyDict>> {
     Ok(d)
 }
 
-fn options(format: &str, level: i32, chunk_elems: usize) -> PyResult<EncodeOptions> {
-    if !(-7..=22).contains(&level) {
-        return Err(PyValueError::new_err(format!("level={level} must be a zstd level in [-7, 22]")));
-    }
-    if chunk_elems == 0 {
-        return Err(PyValueError::new_err("chunk_elems must be positive"));
-    }
-    let format = Format::parse(format).map_err(|e| PyValueError::new_err(e.to_string()))?;
-    Ok(EncodeOptions { format, level, chunk_elems })
+fn options(py: Python<'_>, format: &str, level: i32, chunk_elems: usize) -> PyResult<EncodeOptions> {
+    EncodeOptions::new(format, level, chunk_elems).map_err(|e| snapshot_error(py, e))
 }
 
 #[pyfunction]
@@ -123,7 +121,7 @@ pub fn encode_delta_files<'py>(
     level: i32,
     chunk_elems: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let opts = options(format, level, chunk_elems)?;
+    let opts = options(py, format, level, chunk_elems)?;
     let stats = py.detach(|| delta::encode_files(&base, &new, &out, opts)).map_err(|e| snapshot_error(py, e))?;
     stats_dict(py, stats)
 }
@@ -154,8 +152,9 @@ fn hold(list: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<HeldTensor>> {
         let dt = Dtype::parse(&dtype)
             .ok_or_else(|| PyValueError::new_err(format!("{what} tensor {name:?}: unknown dtype {dtype:?}")))?;
         let bytes = Bytes::get(&data, &format!("{what} tensor {name:?}"))?;
-        let want = shape.iter().product::<usize>() * dt.size();
-        if bytes.len != want {
+        let want = dt.nbytes(&shape);
+        if want != Some(bytes.len) {
+            let want = want.map_or_else(|| "more than memory".to_string(), |w| w.to_string());
             return Err(PyValueError::new_err(format!(
                 "{what} tensor {name:?}: {} bytes for {dtype} {shape:?} ({want} expected)",
                 bytes.len
@@ -182,7 +181,7 @@ pub fn encode_delta_buffers<'py>(
     level: i32,
     chunk_elems: usize,
 ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyDict>)> {
-    let opts = options(format, level, chunk_elems)?;
+    let opts = options(py, format, level, chunk_elems)?;
     let (b, n) = (hold(base, "base")?, hold(new, "new")?);
     let result = py.detach(|| match opts.format {
         Format::ArcV2 => delta::encode_arc_v2(&views(&b), &views(&n), opts.level),
@@ -218,52 +217,32 @@ pub fn write_safetensors(
     path: PathBuf,
     tensors: &Bound<'_, PyAny>,
     metadata: Option<BTreeMap<String, String>>,
-) -> PyResult<BTreeMap<String, (u32, u64)>> {
-    use rayon::prelude::*;
-    use rollstream_core::snapshot::safetensors::{write, TensorMeta};
+) -> PyResult<BTreeMap<String, checkpoint::Sums>> {
     let held = hold(tensors, "tensor")?;
     let metadata = metadata.unwrap_or_default();
-    py.detach(|| {
-        let metas: Vec<TensorMeta> =
-            held.iter().map(|t| TensorMeta { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() }).collect();
-        let pending = delta::PendingFile::new(&path)?;
-        write(pending.path(), &metas, &metadata, |i| held[i].bytes.slice())?;
-        pending.publish()?;
-        Ok(held
-            .par_iter()
-            .map(|t| (t.name.clone(), (checksum::adler32(1, t.bytes.slice()), checksum::xxh3(t.bytes.slice()))))
-            .collect())
-    })
-    .map_err(|e| snapshot_error(py, e))
+    py.detach(|| checkpoint::write_checkpoint(&path, &views(&held), &metadata)).map_err(|e| snapshot_error(py, e))
 }
 
 /// (dtype, shape, adler32, xxh3) of a tensor.
-type TensorSums = (String, Vec<usize>, u32, u64);
+type TensorSums = (&'static str, Vec<usize>, u32, u64);
 
 /// `{name: (dtype, shape, adler32, xxh3)}` of every tensor in a safetensors file.
 #[pyfunction]
 pub fn safetensors_checksums(py: Python<'_>, path: PathBuf) -> PyResult<BTreeMap<String, TensorSums>> {
-    use rayon::prelude::*;
-    use rollstream_core::snapshot::safetensors::SafeTensors;
-    py.detach(|| {
-        let st = SafeTensors::open(&path)?;
-        Ok(st
-            .tensors()
-            .par_iter()
-            .map(|(n, v)| {
-                (
-                    n.to_string(),
-                    (
-                        v.dtype.name().to_string(),
-                        v.shape.to_vec(),
-                        checksum::adler32(1, v.data),
-                        checksum::xxh3(v.data),
-                    ),
-                )
-            })
-            .collect())
-    })
-    .map_err(|e| snapshot_error(py, e))
+    let sums = py.detach(|| checkpoint::checkpoint_sums(&path)).map_err(|e| snapshot_error(py, e))?;
+    Ok(sums.into_iter().map(|(n, s)| (n, (s.dtype, s.shape, s.adler32, s.xxh3))).collect())
+}
+
+/// `{name: (dtype, shape)}` from the header of a safetensors file (the data
+/// is not read; the header is fully validated against the file's size).
+#[pyfunction]
+pub fn safetensors_header<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let header = py.detach(|| safetensors::read_header(&path)).map_err(|e| snapshot_error(py, e))?;
+    let out = PyDict::new(py);
+    for t in header.tensors {
+        out.set_item(t.name, (t.dtype, PyTuple::new(py, t.shape)?))?;
+    }
+    Ok(out)
 }
 
 /// Delta from a base safetensors file to tensors held in memory.
@@ -278,7 +257,7 @@ pub fn encode_delta_from_file<'py>(
     level: i32,
     chunk_elems: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let opts = options(format, level, chunk_elems)?;
+    let opts = options(py, format, level, chunk_elems)?;
     let n = hold(new, "new")?;
     let stats =
         py.detach(|| delta::encode_from_file(&base, &views(&n), &out, opts)).map_err(|e| snapshot_error(py, e))?;

@@ -4,6 +4,7 @@
 use numpy::PyArray1;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
+use rollstream_core::sse::DEFAULT_MAX_EVENT_BYTES;
 use rollstream_core::vllm::{self, ChoiceOutput, DecodeError, DecodeErrorKind, StopReason, StreamOutput, TopLogprobs};
 
 use crate::errors;
@@ -136,8 +137,9 @@ impl PyStreamDecoder {
 #[pymethods]
 impl PyStreamDecoder {
     #[new]
-    fn new() -> Self {
-        Self { inner: Some(vllm::StreamDecoder::new()) }
+    #[pyo3(signature = (*, max_event_bytes=DEFAULT_MAX_EVENT_BYTES))]
+    fn new(max_event_bytes: usize) -> Self {
+        Self { inner: Some(vllm::StreamDecoder::with_max_event_bytes(max_event_bytes)) }
     }
 
     /// Feed the next chunk of the body.
@@ -184,7 +186,8 @@ impl PyStreamDecoder {
 
 /// Decode a complete body (GIL released while parsing).
 #[pyfunction]
-pub fn decode_stream<'py>(py: Python<'py>, body: &[u8]) -> PyResult<Bound<'py, PyDict>> {
-    let out = py.detach(|| vllm::decode_stream(body)).map_err(|e| decode_error(py, e))?;
+#[pyo3(signature = (body, *, max_event_bytes=DEFAULT_MAX_EVENT_BYTES))]
+pub fn decode_stream<'py>(py: Python<'py>, body: &[u8], max_event_bytes: usize) -> PyResult<Bound<'py, PyDict>> {
+    let out = py.detach(|| vllm::decode_stream_capped(body, max_event_bytes)).map_err(|e| decode_error(py, e))?;
     output_to_py(py, out)
 }

@@ -78,12 +78,22 @@ fn root_value(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Value> {
 }
 
 pub fn tokenize_error(py: Python<'_>, e: TokenizeError) -> PyErr {
+    tokenize_error_in(py, e, "")
+}
+
+/// The Python exception for `e`, its message prefixed with `context` (which
+/// conversation of a batch), every other attribute kept.
+fn tokenize_error_in(py: Python<'_>, e: TokenizeError, context: &str) -> PyErr {
     match e {
-        TokenizeError::Template(t) => {
-            errors::raise(py, errors::template_error, (t.to_string(), t.message, t.line, t.source_line, t.raised))
+        TokenizeError::Template(t) => errors::raise(
+            py,
+            errors::template_error,
+            (format!("{context}{t}"), t.message, t.line, t.source_line, t.raised),
+        ),
+        TokenizeError::Input(m) => errors::raise(py, errors::chat_format_error, (format!("{context}{m}"),)),
+        TokenizeError::Load(m) | TokenizeError::Encode(m) => {
+            errors::raise(py, errors::tokenizer_error, (format!("{context}{m}"),))
         }
-        TokenizeError::Input(m) => errors::raise(py, errors::chat_format_error, (m,)),
-        TokenizeError::Load(m) | TokenizeError::Encode(m) => errors::raise(py, errors::tokenizer_error, (m,)),
     }
 }
 
@@ -162,11 +172,6 @@ impl PyChatTokenizer {
     }
 
     #[getter]
-    fn has_template(&self) -> bool {
-        self.inner.has_template()
-    }
-
-    #[getter]
     fn vocab_size(&self) -> usize {
         self.inner.text.vocab_size()
     }
@@ -234,14 +239,7 @@ impl PyChatTokenizer {
         let results = py.detach(|| inner.apply_batch(&reqs));
         let mut out = Vec::with_capacity(results.len());
         for (i, r) in results.into_iter().enumerate() {
-            let ids = r.map_err(|e| {
-                let err = tokenize_error(py, e);
-                let msg = format!("conversation {i}: {}", err.value(py));
-                match err.get_type(py).call1((msg,)) {
-                    Ok(v) => PyErr::from_value(v),
-                    Err(_) => err,
-                }
-            })?;
+            let ids = r.map_err(|e| tokenize_error_in(py, e, &format!("conversation {i}: ")))?;
             out.push(PyArray1::from_vec(py, ids.into_iter().map(i64::from).collect()));
         }
         Ok(out)

@@ -1,10 +1,14 @@
 //! Weight snapshots: checksums, safetensors files and delta codecs.
 //!
 //! - [`checksum`]: Adler-32 (exactly `zlib.adler32`, SIMD and parallel) and XXH3.
-//! - [`safetensors`]: validated reading (memory-mapped) and writing.
+//! - [`safetensors`]: validated reading (memory-mapped, or the header only) and writing.
+//! - [`checkpoint`]: whole checkpoints written atomically with their checksums.
 //! - [`delta`]: `arc_v2` (interoperable with Fireworks' reference) and
 //!   `rsd1`, rollstream's own chunked, checksummed, deterministic format.
+//! - [`atomic`]: publication by rename, so no partial result is ever visible.
 
+pub mod atomic;
+pub mod checkpoint;
 pub mod checksum;
 pub mod delta;
 pub mod safetensors;
@@ -32,7 +36,18 @@ impl SnapshotError {
         SnapshotError::Io { path: path.display().to_string(), message: e.to_string() }
     }
 
-    fn mismatch(tensor: &str, message: impl Into<String>) -> Self {
+    /// The same error, naming `path` where it named an in-memory image
+    /// (`<...>`): the caller knew which file the bytes came from.
+    pub fn in_file(self, path: &Path) -> Self {
+        match self {
+            SnapshotError::Corrupt { path: p, message } if p.starts_with('<') => {
+                SnapshotError::Corrupt { path: path.display().to_string(), message }
+            }
+            other => other,
+        }
+    }
+
+    pub(crate) fn mismatch(tensor: &str, message: impl Into<String>) -> Self {
         SnapshotError::Mismatch { tensor: tensor.to_string(), message: message.into() }
     }
 }

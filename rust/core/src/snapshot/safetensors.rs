@@ -77,6 +77,12 @@ impl Dtype {
         }
     }
 
+    /// Bytes of a tensor of this dtype and `shape`, or None when that
+    /// overflows `usize` (a shape no buffer can hold).
+    pub fn nbytes(self, shape: &[usize]) -> Option<usize> {
+        shape.iter().try_fold(self.size(), |acc, &d| acc.checked_mul(d))
+    }
+
     pub fn size(self) -> usize {
         match self {
             Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E4M3 | Dtype::F8E5M2 => 1,
@@ -101,6 +107,158 @@ pub struct TensorMeta {
     pub name: String,
     pub dtype: Dtype,
     pub shape: Vec<usize>,
+}
+
+/// One tensor as a header describes it, validated against the file: its
+/// byte range lies inside the data section, does not overlap another's, and
+/// (for the dtypes rollstream knows) holds exactly `shape` elements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderEntry {
+    pub name: String,
+    /// The dtype as written (newer safetensors dtypes such as `F8_E8M0` or
+    /// `F4` are kept by name, not refused: header checks compare names).
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    /// Byte range in the data section (after the header).
+    pub start: usize,
+    pub end: usize,
+}
+
+/// A parsed safetensors header: tensors in file order (by offset) and the
+/// `__metadata__` strings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Header {
+    pub tensors: Vec<HeaderEntry>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// The members of a JSON object in document order, duplicates kept, so a
+/// header naming a tensor twice is refused instead of silently losing one
+/// (`serde_json::Map` keeps only the last).
+struct Members(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+                let mut out = Vec::new();
+                while let Some(kv) = map.next_entry::<String, Value>()? {
+                    out.push(kv);
+                }
+                Ok(Members(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A list of non-negative integers that fit `usize`, or None.
+fn usizes(v: Option<&Value>) -> Option<Vec<usize>> {
+    v?.as_array()?.iter().map(|d| d.as_u64().and_then(|x| usize::try_from(x).ok())).collect()
+}
+
+/// Validate the length prefix of a safetensors file of `file_len` bytes:
+/// the header it announces must fit the file and [`MAX_HEADER`].
+fn header_len(prefix: [u8; 8], file_len: u64, path: &Path) -> Result<usize, SnapshotError> {
+    let n = u64::from_le_bytes(prefix);
+    let fits = n <= MAX_HEADER && n <= file_len.saturating_sub(8);
+    match usize::try_from(n) {
+        Ok(len) if fits => Ok(len),
+        _ => Err(bad(path, format!("header length {n} does not fit the {file_len}-byte file"))),
+    }
+}
+
+/// Parse and validate a header (the JSON text) against a data section of
+/// `data_len` bytes. Everything a file can claim is checked here, once, for
+/// every reader (codecs, checksums, `rollstream._core.safetensors_header`).
+pub fn parse_header(json: &[u8], data_len: usize, path: &Path) -> Result<Header, SnapshotError> {
+    let Members(members) =
+        serde_json::from_slice(json).map_err(|e| bad(path, format!("header is not a JSON object: {e}")))?;
+    let mut header = Header::default();
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, v) in members {
+        if !seen.insert(name.clone()) {
+            return Err(bad(path, format!("header names {name:?} twice")));
+        }
+        if name == "__metadata__" {
+            let obj = v.as_object().ok_or_else(|| bad(path, "__metadata__ is not an object"))?;
+            for (k, val) in obj {
+                let s = val.as_str().ok_or_else(|| bad(path, format!("__metadata__[{k:?}] is not a string")))?;
+                header.metadata.insert(k.clone(), s.to_string());
+            }
+            continue;
+        }
+        header.tensors.push(parse_entry(name, &v, data_len, path)?);
+    }
+    header.tensors.sort_by_key(|e| (e.start, e.end));
+    for w in header.tensors.windows(2) {
+        if w[1].start < w[0].end {
+            return Err(bad(path, format!("tensors {:?} and {:?} overlap", w[0].name, w[1].name)));
+        }
+    }
+    Ok(header)
+}
+
+/// One tensor's header entry, checked against the data section.
+fn parse_entry(name: String, v: &Value, data_len: usize, path: &Path) -> Result<HeaderEntry, SnapshotError> {
+    let dtype = v
+        .get("dtype")
+        .and_then(Value::as_str)
+        .filter(|d| !d.is_empty())
+        .ok_or_else(|| bad(path, format!("tensor {name:?} has no valid dtype")))?
+        .to_string();
+    let shape = usizes(v.get("shape")).ok_or_else(|| bad(path, format!("tensor {name:?} has no valid shape")))?;
+    let offsets =
+        usizes(v.get("data_offsets")).ok_or_else(|| bad(path, format!("tensor {name:?} has no valid data_offsets")))?;
+    let [start, end] = offsets[..] else {
+        return Err(bad(path, format!("tensor {name:?}: data_offsets must be [start, end]")));
+    };
+    let elems = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| bad(path, format!("tensor {name:?}: shape {shape:?} overflows")))?;
+    // Only known dtypes have a byte size to check; unknown ones keep their range.
+    let want = match Dtype::parse(&dtype) {
+        Some(d) => Some(
+            elems
+                .checked_mul(d.size())
+                .ok_or_else(|| bad(path, format!("tensor {name:?}: shape {shape:?} overflows")))?,
+        ),
+        None => None,
+    };
+    if start > end || end > data_len || want.is_some_and(|w| end - start != w) {
+        return Err(bad(
+            path,
+            format!(
+                "tensor {name:?}: offsets [{start}, {end}] do not hold {} of {dtype} {shape:?} \
+                 within {data_len} data bytes",
+                want.map_or_else(|| "the bytes".to_string(), |w| format!("{w} bytes"))
+            ),
+        ));
+    }
+    Ok(HeaderEntry { name, dtype, shape, start, end })
+}
+
+/// Read and validate only the header of the safetensors file at `path` (the
+/// tensor data is never read).
+pub fn read_header(path: &Path) -> Result<Header, SnapshotError> {
+    use std::io::Read;
+    let mut file = File::open(path).map_err(|e| SnapshotError::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| SnapshotError::io(path, e))?.len();
+    let mut prefix = [0u8; 8];
+    file.read_exact(&mut prefix)
+        .map_err(|_| bad(path, format!("file is {file_len} bytes, too short for a safetensors header")))?;
+    let n = header_len(prefix, file_len, path)?;
+    let mut json = vec![0u8; n];
+    file.read_exact(&mut json).map_err(|e| SnapshotError::io(path, e))?;
+    // `header_len` bounded `n` by the file, so this cannot underflow.
+    let data_len = usize::try_from(file_len - 8 - n as u64).map_err(|_| bad(path, "file too large"))?;
+    parse_header(&json, data_len, path)
 }
 
 #[derive(Debug)]
@@ -157,74 +315,26 @@ impl SafeTensors {
         Self::parse(Storage::Mapped(mmap), path)
     }
 
+    /// Validate the whole image with [`parse_header`]; the codecs need a
+    /// byte size per element, so every dtype must be one rollstream knows.
     fn parse(mmap: Storage, path: &Path) -> Result<Self, SnapshotError> {
         let len = mmap.len() as u64;
-        if len < 8 {
-            return Err(bad(path, format!("file is {len} bytes, too short for a safetensors header")));
-        }
-        let mut n = [0u8; 8];
-        n.copy_from_slice(&mmap[..8]);
-        let header_len = u64::from_le_bytes(n);
-        if header_len > MAX_HEADER || 8 + header_len > len {
-            return Err(bad(path, format!("header length {header_len} does not fit the {len}-byte file")));
-        }
-        let data_start = 8 + header_len as usize;
-        let header: Map<String, Value> = serde_json::from_slice(&mmap[8..data_start])
-            .map_err(|e| bad(path, format!("header is not a JSON object: {e}")))?;
-        let data_len = mmap.len() - data_start;
-        let mut entries = Vec::new();
-        let mut metadata = BTreeMap::new();
-        for (name, v) in header {
-            if name == "__metadata__" {
-                let obj = v.as_object().ok_or_else(|| bad(path, "__metadata__ is not an object"))?;
-                for (k, val) in obj {
-                    let s = val.as_str().ok_or_else(|| bad(path, format!("__metadata__[{k:?}] is not a string")))?;
-                    metadata.insert(k.clone(), s.to_string());
-                }
-                continue;
-            }
-            let dtype = v
-                .get("dtype")
-                .and_then(Value::as_str)
-                .and_then(Dtype::parse)
-                .ok_or_else(|| bad(path, format!("tensor {name:?} has no valid dtype")))?;
-            let shape: Vec<usize> = v
-                .get("shape")
-                .and_then(Value::as_array)
-                .and_then(|a| a.iter().map(|d| d.as_u64().and_then(|x| usize::try_from(x).ok())).collect())
-                .ok_or_else(|| bad(path, format!("tensor {name:?} has no valid shape")))?;
-            let offsets: Vec<usize> = v
-                .get("data_offsets")
-                .and_then(Value::as_array)
-                .and_then(|a| a.iter().map(|d| d.as_u64().and_then(|x| usize::try_from(x).ok())).collect())
-                .ok_or_else(|| bad(path, format!("tensor {name:?} has no valid data_offsets")))?;
-            let [start, end] = offsets[..] else {
-                return Err(bad(path, format!("tensor {name:?}: data_offsets must be [start, end]")));
-            };
-            let want = shape
-                .iter()
-                .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
-                .ok_or_else(|| bad(path, format!("tensor {name:?}: shape {shape:?} overflows")))?;
-            if start > end || end > data_len || end - start != want {
-                return Err(bad(
-                    path,
-                    format!(
-                        "tensor {name:?}: offsets [{start}, {end}] do not hold {want} bytes of {} {:?} \
-                         within {data_len} data bytes",
-                        dtype.name(),
-                        shape
-                    ),
-                ));
-            }
-            entries.push((name, Entry { dtype, shape, start, end }));
-        }
-        entries.sort_by_key(|(_, e)| (e.start, e.end));
-        for w in entries.windows(2) {
-            if w[1].1.start < w[0].1.end {
-                return Err(bad(path, format!("tensors {:?} and {:?} overlap", w[0].0, w[1].0)));
-            }
-        }
-        Ok(SafeTensors { mmap, data_start, entries, metadata })
+        let prefix: [u8; 8] = mmap
+            .get(..8)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| bad(path, format!("file is {len} bytes, too short for a safetensors header")))?;
+        let data_start = 8 + header_len(prefix, len, path)?;
+        let header = parse_header(&mmap[8..data_start], mmap.len() - data_start, path)?;
+        let entries = header
+            .tensors
+            .into_iter()
+            .map(|e| {
+                let dtype = Dtype::parse(&e.dtype)
+                    .ok_or_else(|| bad(path, format!("tensor {:?} has unsupported dtype {:?}", e.name, e.dtype)))?;
+                Ok((e.name, Entry { dtype, shape: e.shape, start: e.start, end: e.end }))
+            })
+            .collect::<Result<_, SnapshotError>>()?;
+        Ok(SafeTensors { mmap, data_start, entries, metadata: header.metadata })
     }
 
     pub fn len(&self) -> usize {
@@ -312,15 +422,17 @@ pub fn header_bytes(
             return Err(SnapshotError::Invalid(format!("tensor name {:?} appears twice", t.name)));
         }
         let size = t
-            .shape
-            .iter()
-            .try_fold(t.dtype.size(), |acc, &d| acc.checked_mul(d))
+            .dtype
+            .nbytes(&t.shape)
             .ok_or_else(|| SnapshotError::Invalid(format!("tensor {:?}: shape {:?} overflows", t.name, t.shape)))?;
+        let end = offset
+            .checked_add(size)
+            .ok_or_else(|| SnapshotError::Invalid(format!("tensor {:?}: the checkpoint's size overflows", t.name)))?;
         header.insert(
             t.name.clone(),
-            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + size]}),
+            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, end]}),
         );
-        offset += size;
+        offset = end;
         sizes.push(size);
     }
     let mut text = serde_json::to_vec(&Value::Object(header)).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
@@ -376,6 +488,73 @@ mod tests {
         std::fs::write(&path, b"\xff\xff\xff\xff\xff\xff\xff\x7f{}").unwrap();
         assert!(SafeTensors::open(&path).is_err());
         assert!(write(&path, &metas, &md, |_| &b).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn image(header: &str, data: usize) -> Vec<u8> {
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.resize(out.len() + data, 0);
+        out
+    }
+
+    #[test]
+    fn header_claims_are_checked_once_for_every_reader() {
+        let p = Path::new("<t>");
+        let one = |h: &str, data: usize| parse_header(h.as_bytes(), data, p);
+        let ok = one(r#"{"b":{"dtype":"U8","shape":[2],"data_offsets":[4,6]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, 6)
+            .unwrap();
+        assert_eq!(ok.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["a", "b"], "file order");
+        let bad = [
+            (
+                r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"a":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}"#,
+                "twice",
+            ),
+            (
+                r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[2],"data_offsets":[1,3]}}"#,
+                "overlap",
+            ),
+            (r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#, "within 3 data bytes"),
+            (r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[3,1]}}"#, "offsets"),
+            (r#"{"a":{"dtype":"F64","shape":[4611686018427387904, 4],"data_offsets":[0,0]}}"#, "overflows"),
+            (r#"{"a":{"dtype":"","shape":[1],"data_offsets":[0,1]}}"#, "dtype"),
+            (r#"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#, "shape"),
+            (r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0]}}"#, "[start, end]"),
+            (r#"{"__metadata__":{"k":1}}"#, "not a string"),
+            (r#"[1]"#, "JSON object"),
+        ];
+        for (h, want) in bad {
+            let e = one(h, 3).unwrap_err().to_string();
+            assert!(e.contains(want), "{h}: {e}");
+        }
+        // A dtype rollstream cannot decode is kept by name by the header
+        // reader, and refused (not misread) by the codecs' reader.
+        let exotic = r#"{"s":{"dtype":"F8_E8M0","shape":[4],"data_offsets":[0,4]}}"#;
+        assert_eq!(one(exotic, 4).unwrap().tensors[0].dtype, "F8_E8M0");
+        let e = SafeTensors::from_bytes(image(exotic, 4)).unwrap_err().to_string();
+        assert!(e.contains("unsupported dtype"), "{e}");
+        // Length prefixes past the file, or past any sane header, are refused.
+        for prefix in [u64::MAX, MAX_HEADER + 1, 40] {
+            let mut img = image("{}", 8);
+            img[..8].copy_from_slice(&prefix.to_le_bytes());
+            assert!(SafeTensors::from_bytes(img).is_err(), "{prefix}");
+        }
+        assert!(SafeTensors::from_bytes(vec![1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn read_header_reads_only_the_header_and_agrees_with_open() {
+        let dir = std::env::temp_dir().join(format!("rs-st-h-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("h.safetensors");
+        std::fs::write(&path, image(r#"{"w":{"dtype":"BF16","shape":[3],"data_offsets":[0,6]}}"#, 6)).unwrap();
+        let h = read_header(&path).unwrap();
+        assert_eq!((h.tensors[0].dtype.as_str(), h.tensors[0].shape.as_slice()), ("BF16", &[3][..]));
+        assert_eq!(SafeTensors::open(&path).unwrap().get("w").unwrap().shape, &[3]);
+        std::fs::write(&path, &image(r#"{"w":{"dtype":"BF16","shape":[3],"data_offsets":[0,6]}}"#, 6)[..20]).unwrap();
+        assert!(matches!(read_header(&path), Err(SnapshotError::Corrupt { .. })));
+        std::fs::write(&path, b"abc").unwrap();
+        assert!(matches!(read_header(&path), Err(SnapshotError::Corrupt { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -6,12 +6,15 @@
 //! the normalized remainder), the rest is NFC-normalized when configured,
 //! pre-tokenized by the split regex, mapped to bytes, and each piece is merged
 //! by merge rank: repeatedly the adjacent pair with the lowest rank (leftmost
-//! on ties) until none applies. Only neighbours of a merge are looked up
-//! again, so a piece of n bytes costs O(n) hash lookups plus O(n^2) trivial
-//! comparisons on tiny arrays.
+//! on ties) until none applies. The symbols form a linked list and the
+//! candidate pairs a binary heap keyed by (rank, position), invalidated
+//! lazily, so a piece of n bytes costs O(n log n) (a 100,000-letter word
+//! used to go through O(n^2) `Vec::remove`s and scans).
 
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustc_hash::FxHashMap;
@@ -49,8 +52,31 @@ pub(crate) struct MergeTable {
     merges: FxHashMap<u64, (u32, u32)>,
 }
 
-/// One symbol during merging: `(id, rank of the pair starting here, merged id)`.
-pub(crate) type Sym = (u32, u32, u32);
+/// No neighbour (the ends of the symbol list).
+const NONE: usize = usize::MAX;
+
+/// One symbol of a piece being merged, in a doubly linked list over the
+/// piece's initial symbols. `rank`/`merged` describe the pair this symbol
+/// starts with its `next`; `rank` is [`NO_MERGE`] when there is none, and
+/// for symbols merged away into their left neighbour.
+#[derive(Debug, Clone, Copy)]
+struct Sym {
+    id: u32,
+    prev: usize,
+    next: usize,
+    rank: u32,
+    merged: u32,
+}
+
+/// The merge loop's buffers, reused across pieces.
+#[derive(Debug, Default)]
+pub(crate) struct MergeScratch {
+    syms: Vec<Sym>,
+    /// Candidate merges `(rank, position of the left symbol)`, lowest first.
+    /// Entries are never removed when a merge changes a pair: an entry is
+    /// acted on only if its symbol still starts a pair of that rank.
+    heap: BinaryHeap<Reverse<(u32, usize)>>,
+}
 
 impl MergeTable {
     pub(crate) fn from_model(model: &Value, by_token: &FxHashMap<&str, u32>) -> Option<Self> {
@@ -84,7 +110,7 @@ impl MergeTable {
         &self,
         key: &[u8],
         out: &mut Vec<u32>,
-        scratch: &mut Vec<Sym>,
+        scratch: &mut MergeScratch,
         init: impl FnOnce(&mut Vec<u32>),
     ) {
         if key.len() > CACHE_MAX_PIECE {
@@ -115,48 +141,71 @@ impl MergeTable {
     }
 
     /// Merge the symbols `out[start..]` in place: repeatedly the adjacent
-    /// pair of lowest rank (leftmost on ties), as `tokenizers` does. Only
-    /// the neighbours of a merge are looked up again.
-    fn merge_tail(&self, out: &mut Vec<u32>, start: usize, scratch: &mut Vec<Sym>) {
-        if out.len() - start < 2 {
+    /// pair of lowest rank, leftmost on ties, as `tokenizers` does.
+    ///
+    /// Invariants: the heap holds an entry `(r, i)` for every live symbol
+    /// `i` whose pair with its next symbol has rank `r` (and maybe stale
+    /// entries); a popped entry is stale unless `syms[i].rank == r`. A stale
+    /// entry whose key equals a live pair's is that pair's own key, so acting
+    /// on it is the same merge. Positions are the symbols' initial indices,
+    /// so list order, and "leftmost", is index order. Symbol 0 is never
+    /// merged away (merges remove the right symbol).
+    fn merge_tail(&self, out: &mut Vec<u32>, start: usize, scratch: &mut MergeScratch) {
+        let n = out.len() - start;
+        if n < 2 {
             return;
         }
-        scratch.clear();
-        scratch.extend(out[start..].iter().map(|&id| (id, NO_MERGE, 0)));
-        for i in 0..scratch.len() - 1 {
-            let (rank, merged) = self.pair(scratch[i].0, scratch[i + 1].0);
-            scratch[i].1 = rank;
-            scratch[i].2 = merged;
+        let MergeScratch { syms, heap } = scratch;
+        syms.clear();
+        heap.clear();
+        syms.extend(out[start..].iter().enumerate().map(|(i, &id)| Sym {
+            id,
+            prev: i.checked_sub(1).unwrap_or(NONE),
+            next: if i + 1 < n { i + 1 } else { NONE },
+            rank: NO_MERGE,
+            merged: 0,
+        }));
+        for i in 0..n - 1 {
+            self.link(syms, heap, i, i + 1);
         }
-        while scratch.len() > 1 {
-            let mut best = NO_MERGE;
-            let mut at = 0;
-            for (i, sym) in scratch[..scratch.len() - 1].iter().enumerate() {
-                if sym.1 < best {
-                    best = sym.1;
-                    at = i;
-                }
+        while let Some(Reverse((rank, at))) = heap.pop() {
+            let sym = syms[at];
+            if sym.rank != rank {
+                continue;
             }
-            if best == NO_MERGE {
-                break;
-            }
-            scratch[at].0 = scratch[at].2;
-            scratch.remove(at + 1);
-            if at + 1 < scratch.len() {
-                let (r, m) = self.pair(scratch[at].0, scratch[at + 1].0);
-                scratch[at].1 = r;
-                scratch[at].2 = m;
+            let gone = sym.next;
+            let after = syms[gone].next;
+            syms[gone].rank = NO_MERGE;
+            syms[at].id = sym.merged;
+            syms[at].next = after;
+            if after == NONE {
+                syms[at].rank = NO_MERGE;
             } else {
-                scratch[at].1 = NO_MERGE;
+                syms[after].prev = at;
+                self.link(syms, heap, at, after);
             }
-            if at > 0 {
-                let (r, m) = self.pair(scratch[at - 1].0, scratch[at].0);
-                scratch[at - 1].1 = r;
-                scratch[at - 1].2 = m;
+            if sym.prev != NONE {
+                self.link(syms, heap, sym.prev, at);
             }
         }
         out.truncate(start);
-        out.extend(scratch.iter().map(|sym| sym.0));
+        let mut i = 0;
+        while i != NONE {
+            out.push(syms[i].id);
+            i = syms[i].next;
+        }
+    }
+
+    /// Record the pair `left`,`right` (adjacent symbols) and queue it when a
+    /// merge applies.
+    #[inline]
+    fn link(&self, syms: &mut [Sym], heap: &mut BinaryHeap<Reverse<(u32, usize)>>, left: usize, right: usize) {
+        let (rank, merged) = self.pair(syms[left].id, syms[right].id);
+        syms[left].rank = rank;
+        syms[left].merged = merged;
+        if rank != NO_MERGE {
+            heap.push(Reverse((rank, left)));
+        }
     }
 }
 
@@ -365,7 +414,7 @@ impl ByteLevelBpe {
         if add_special_tokens {
             out.extend_from_slice(&self.prefix);
         }
-        let mut scratch = Vec::new();
+        let mut scratch = MergeScratch::default();
         let table = &self.table;
         let byte_ids = &self.byte_ids;
         self.added_raw.split(text, |piece| match piece {
@@ -443,5 +492,79 @@ mod tests {
         let mut doc = tiny();
         doc["normalizer"] = serde_json::json!({"type": "Lowercase"});
         assert!(ByteLevelBpe::from_tokenizer_json(&doc).is_none());
+    }
+
+    /// A byte-level BPE `tokenizer.json` whose merges are random: each joins
+    /// two existing tokens over a small alphabet (so long runs and ties are
+    /// common), ranked in the order drawn.
+    fn random_model(seed: u64, n_merges: usize) -> Value {
+        let b2c = byte_to_char();
+        let mut vocab = serde_json::Map::new();
+        for (b, c) in b2c.iter().enumerate() {
+            vocab.insert(c.to_string(), Value::from(b));
+        }
+        let mut tokens: Vec<String> = b"abcd ".iter().map(|&b| b2c[usize::from(b)].to_string()).collect();
+        let mut merges = Vec::new();
+        let mut state = seed | 1;
+        let mut next = |m: usize| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as usize % m
+        };
+        while merges.len() < n_merges {
+            let (a, b) = (tokens[next(tokens.len())].clone(), tokens[next(tokens.len())].clone());
+            let joined = format!("{a}{b}");
+            if vocab.contains_key(&joined) {
+                if next(8) == 0 {
+                    break; // the alphabet is exhausted for this seed
+                }
+                continue;
+            }
+            vocab.insert(joined.clone(), Value::from(vocab.len()));
+            merges.push(Value::from(format!("{a} {b}")));
+            tokens.push(joined);
+        }
+        serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab, "merges": merges}
+        })
+    }
+
+    fn both(doc: &Value, text: &str) -> (Vec<u32>, Vec<u32>) {
+        let ours = ByteLevelBpe::from_tokenizer_json(doc).expect("a byte-level model");
+        let reference =
+            <tokenizers::Tokenizer as std::str::FromStr>::from_str(&doc.to_string()).expect("a valid tokenizer.json");
+        let mut out = Vec::new();
+        ours.encode(text, false, &mut out);
+        (out, reference.encode_fast(text, false).expect("encodes").get_ids().to_vec())
+    }
+
+    #[test]
+    fn a_100k_letter_word_merges_like_tokenizers() {
+        let doc = random_model(7, 60);
+        for text in ["a".repeat(100_000), "ab".repeat(50_000), "abcd".repeat(25_000)] {
+            let (ours, reference) = both(&doc, &text);
+            assert_eq!(ours, reference, "{}...", &text[..8]);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn merges_equal_the_tokenizers_crate(
+            seed in proptest::prelude::any::<u64>(),
+            n_merges in 1usize..80,
+            runs in proptest::collection::vec((0usize..5, 1usize..200), 0..40),
+        ) {
+            let doc = random_model(seed, n_merges);
+            let text: String = runs.iter().map(|&(c, k)| std::iter::repeat_n(char::from(b"abcd "[c]), k).collect::<String>()).collect();
+            let (ours, reference) = both(&doc, &text);
+            proptest::prop_assert_eq!(ours, reference);
+        }
     }
 }

@@ -2,9 +2,10 @@
 //! ids transformers' `apply_chat_template(..., tokenize=True)` produces.
 //!
 //! - [`TextTokenizer`]: text -> ids. Byte-level BPE vocabularies take the
-//!   fast path in [`bpe`]; everything else (SentencePiece-style BPE, Unigram,
-//!   WordPiece, unusual pre-tokenizers) goes through the `tokenizers` crate,
-//!   which also serves `decode` and the parity tests.
+//!   fast path in [`bpe`], legacy SentencePiece-style BPE (Llama 2, Mistral
+//!   v0.1, Phi-3) the one in [`spbpe`]; everything else (Unigram, WordPiece,
+//!   unusual pre-tokenizers or normalizers) goes through the `tokenizers`
+//!   crate, which also serves `decode` and the parity tests.
 //! - [`ChatTokenizer`]: template rendering ([`template`]) + encoding, one
 //!   conversation or a batch on all cores.
 
@@ -256,10 +257,6 @@ impl ChatTokenizer {
         let mut roles: Vec<String> = DEFAULT_ROLES.iter().map(|r| r.to_string()).collect();
         roles.extend(extra_roles.iter().cloned());
         ChatTokenizer { text, template, special_vars, roles }
-    }
-
-    pub fn has_template(&self) -> bool {
-        self.template.is_some()
     }
 
     /// Render one conversation to text, as transformers would.

@@ -14,7 +14,7 @@ use rustc_hash::FxHashMap;
 use serde_json::Value;
 
 use super::added::{AddedMatcher, AddedToken, Piece};
-use super::bpe::{is_empty_or_null, post_processor, str_field, MergeTable};
+use super::bpe::{is_empty_or_null, post_processor, str_field, MergeScratch, MergeTable};
 
 const SPACE: char = '\u{2581}';
 
@@ -98,7 +98,7 @@ impl SentencePieceBpe {
         if add_special_tokens {
             out.extend_from_slice(&self.prefix);
         }
-        let mut scratch = Vec::new();
+        let mut scratch = MergeScratch::default();
         let mut normalized = String::new();
         self.added.split(text, |piece| match piece {
             Piece::Token(id) => out.push(id),
@@ -116,7 +116,7 @@ impl SentencePieceBpe {
         }
     }
 
-    fn encode_word(&self, word: &str, out: &mut Vec<u32>, scratch: &mut Vec<super::bpe::Sym>) {
+    fn encode_word(&self, word: &str, out: &mut Vec<u32>, scratch: &mut MergeScratch) {
         let mut seg_start = 0;
         let mut prev_space = false;
         for (i, c) in word.char_indices() {
@@ -132,7 +132,7 @@ impl SentencePieceBpe {
         }
     }
 
-    fn encode_segment(&self, seg: &str, out: &mut Vec<u32>, scratch: &mut Vec<super::bpe::Sym>) {
+    fn encode_segment(&self, seg: &str, out: &mut Vec<u32>, scratch: &mut MergeScratch) {
         self.table.cached(seg.as_bytes(), out, scratch, |sym| {
             for c in seg.chars() {
                 match self.char_ids.get(&c) {
