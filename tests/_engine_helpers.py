@@ -38,9 +38,9 @@ def model_dir_with(tmp: Path, base_model: Path, weights_dir: Path) -> Path:
 def recompute_error(samples: list[Any], model_dir: Path) -> float:
     """Max |served logprob - transformers float32 logprob| over the sampled
     tokens of ``samples`` (temperature 1, no truncation)."""
-    import torch
-    import transformers
+    from rollstream.testing import need
 
+    torch, transformers = need("torch"), need("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     err = 0.0
     for c in samples:

@@ -28,9 +28,9 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+    from rollstream.testing import need
 
-    return dict(load_file(str(path)))
+    return dict(need("safetensors.numpy").load_file(str(path)))
 
 
 class Trainer:

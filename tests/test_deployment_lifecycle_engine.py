@@ -160,9 +160,9 @@ def test_lifecycle_across_processes(tiny_model_dir: Path, tmp_path: Path) -> Non
 
 
 def _weights(model_dir: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+    from rollstream.testing import need
 
-    return dict(load_file(str(model_dir / "model.safetensors")))
+    return dict(need("safetensors.numpy").load_file(str(model_dir / "model.safetensors")))
 
 
 def _long_request(url: str, started: threading.Event, outcomes: list[object]) -> None:
