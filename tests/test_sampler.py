@@ -614,3 +614,29 @@ def test_timeouts_are_validated() -> None:
         SamplerTimeouts(idle=0)
     with pytest.raises(TypeError, match="timeout"):
         DeploymentSampler("http://127.0.0.1:9", "m", timeout="soon")  # type: ignore[arg-type]
+
+
+def test_loop_local_clients_are_never_shared_across_loops() -> None:
+    from rollstream._http import LoopLocal
+
+    made: list[object] = []
+
+    def factory() -> object:
+        made.append(object())
+        return made[-1]
+
+    per_loop: LoopLocal[object] = LoopLocal(factory)
+
+    async def twice() -> tuple[object, object]:
+        return per_loop.get(), per_loop.get()
+
+    a1, a2 = asyncio.run(twice())
+    b1, _ = asyncio.run(twice())
+    assert a1 is a2, "one object per loop"
+    assert b1 is not a1, "a new loop gets its own"
+    results: list[object] = []
+    t = threading.Thread(target=lambda: results.append(asyncio.run(twice())[0]))
+    t.start()
+    t.join(10)
+    assert results[0] not in (a1, b1)
+    assert len(per_loop.take_all()) <= 3

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 
 from ._exceptions import SamplingMaskError
-from ._http import LoopLocal, close_clients
+from ._http import LoopLocal, close_clients, ssl_context
 from ._models import SampledCompletion
 from ._retry import server_message
 from .masks import SamplingMask
@@ -153,6 +153,12 @@ def fit_mask(mask: SamplingMask, c: SampledCompletion) -> SamplingMask:
     return mask
 
 
+#: The logprobs mode of each server URL, as it reported it (None: it did
+#: not say); a server's flags do not change while it runs, so once per process.
+_LOGPROBS_MODES: dict[str, str | None] = {}
+_LOOKUP_LOCK = threading.Lock()
+
+
 class ControlClient:
     """Control-plane requests to the servers a sampler uses."""
 
@@ -160,8 +166,6 @@ class ControlClient:
         self._headers = dict(headers)
         self._timeout = timeout
         self._clients: LoopLocal[httpx.AsyncClient] = LoopLocal(self._new_client)
-        self._logprobs_modes: dict[str, str | None] = {}
-        self._lookup_lock = threading.Lock()
         self._lookups: dict[tuple[Any, str], asyncio.Task[str | None]] = {}
 
     def _new_client(self) -> httpx.AsyncClient:
@@ -170,7 +174,10 @@ class ControlClient:
         # connection per control call costs far less than the generation
         # it follows.
         return httpx.AsyncClient(
-            timeout=self._timeout, headers=self._headers, limits=httpx.Limits(max_keepalive_connections=0)
+            timeout=self._timeout,
+            headers=self._headers,
+            limits=httpx.Limits(max_keepalive_connections=0),
+            verify=ssl_context(),
         )
 
     async def take_mask(self, base_url: str, key: str, request_id: str) -> SamplingMask:
@@ -195,21 +202,24 @@ class ControlClient:
             )
         return parse_mask_reply(r.content, key, request_id)
 
-    def known_logprobs_mode(self, base_url: str) -> tuple[bool, str | None]:
+    @staticmethod
+    def known_logprobs_mode(base_url: str) -> tuple[bool, str | None]:
         """(whether the mode of ``base_url`` was looked up, the mode)."""
-        if base_url in self._logprobs_modes:
-            return True, self._logprobs_modes[base_url]
+        with _LOOKUP_LOCK:
+            if base_url in _LOGPROBS_MODES:
+                return True, _LOGPROBS_MODES[base_url]
         return False, None
 
     async def logprobs_mode(self, base_url: str) -> str | None:
         """The server's ``--logprobs-mode`` as it reports it (vLLM's
         ``/server_info``, dev mode only); None when it does not say. Looked up
-        once per server: concurrent callers on one loop share the lookup (the
-        server computes its environment report on the first call)."""
-        if base_url in self._logprobs_modes:
-            return self._logprobs_modes[base_url]
+        once per server and process: concurrent callers on one loop share the
+        lookup (the server computes its environment report on the first call)."""
+        known, mode = self.known_logprobs_mode(base_url)
+        if known:
+            return mode
         loop = asyncio.get_running_loop()
-        with self._lookup_lock:
+        with _LOOKUP_LOCK:
             task = self._lookups.get((loop, base_url))
             if task is None or (task.done() and task.cancelled()):
                 task = self._lookups[(loop, base_url)] = loop.create_task(self._lookup_mode(base_url))
@@ -226,8 +236,8 @@ class ControlClient:
                 mode = value if isinstance(value, str) else None
         except (httpx.HTTPError, ValueError, AttributeError) as e:
             log.debug("cannot read the logprobs mode of %s: %r", base_url, e)
-        self._logprobs_modes[base_url] = mode
-        with self._lookup_lock:
+        with _LOOKUP_LOCK:
+            _LOGPROBS_MODES[base_url] = mode
             self._lookups = {k: t for k, t in self._lookups.items() if k[1] != base_url}
         return mode
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
+import ssl
 import threading
 import time
 import weakref
@@ -77,13 +79,22 @@ class LoopLocal(Generic[T]):
         return items
 
 
+@functools.cache
+def ssl_context() -> ssl.SSLContext:
+    """One verifying TLS context for every httpx client of the process:
+    building one (loading the CA bundle) costs tens of milliseconds, which
+    a client per event loop would pay again and again."""
+    return httpx.create_ssl_context()
+
+
 def close_clients(
     items: list[tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]],
 ) -> list[httpx.AsyncClient]:
     """Close httpx clients, each on its own loop. Returns those of the
     running loop, for the caller to await (``aclose``); on a loop running in
-    another thread the close is scheduled there; clients of closed loops
-    have nothing left to close."""
+    another thread the close is scheduled there. A loop that is not running
+    is never driven from here (it may be a caller's, or be finalizing): its
+    clients are dropped with their connections."""
     try:
         running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
@@ -95,9 +106,6 @@ def close_clients(
         elif loop.is_running():
             with contextlib.suppress(RuntimeError):
                 asyncio.run_coroutine_threadsafe(client.aclose(), loop)
-        elif not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.run_until_complete(client.aclose())
     return mine
 
 
@@ -139,6 +147,7 @@ class Transport:
         return httpx.AsyncClient(
             timeout=httpx.Timeout(None, connect=self._connect_timeout),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            verify=ssl_context(),
         )
 
     @property

@@ -775,6 +775,11 @@ class DeploymentSampler:
         await controller.acquire()
         try:
             route = await self._pool.acquire(opts.session)
+            mode_lookup = None
+            if opts.want_logprobs and not self._control.known_logprobs_mode(route.url)[0]:
+                # Once per server: what kind of logprobs it returns, looked up
+                # while it generates (its first answer takes a second or so).
+                mode_lookup = asyncio.ensure_future(self._control.logprobs_mode(route.url))
             try:
                 remaining = max(deadline - time.monotonic(), 1e-3)
                 idle = opts.http_timeout if opts.http_timeout is not None else self.timeouts.idle
@@ -788,10 +793,12 @@ class DeploymentSampler:
                 )
                 if not outcome.ok and outcome.kind == "cancelled":
                     raise asyncio.CancelledError()
-                await self._judge(a, prompt, outcome, opts, logical_id, route)
+                await self._judge(a, prompt, outcome, opts, logical_id, route, mode_lookup)
                 if a.completion is not None and opts.sampling_mask:
                     await self._attach_mask(a, route, f"{logical_id}.{attempt}")
             finally:
+                if mode_lookup is not None and not mode_lookup.done():
+                    mode_lookup.cancel()  # the shared lookup itself goes on
                 self._pool.release(route, ok=a.transport_ok)
         finally:
             controller.release(a.feedback)
@@ -807,6 +814,7 @@ class DeploymentSampler:
         opts: CallOptions,
         logical_id: str,
         route: Route,
+        mode_lookup: asyncio.Future[str | None] | None,
     ) -> None:
         """Fill ``a`` from the transport's outcome: a completion, or a verdict."""
         v: Verdict | None
@@ -859,7 +867,12 @@ class DeploymentSampler:
             return
         mode = None
         if opts.want_logprobs:
-            mode = await self._control.logprobs_mode(route.url)
+            if mode_lookup is not None:
+                mode = await mode_lookup
+            else:
+                known, mode = self._control.known_logprobs_mode(route.url)
+                if not known:  # looked up by another attempt since this one started
+                    mode = await self._control.logprobs_mode(route.url)
             self._warn_logprobs_mode(route.url, mode)
         try:
             a.completion = completion(
