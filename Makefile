@@ -14,10 +14,14 @@ $(PY):
 engine: $(PY)
 	ROLLSTREAM_VENV=$(VENV) ./scripts/install-engine.sh
 
-## build: compile the Rust core into the venv (release) with dev extras
+## build: compile the Rust core into the venv (release) with dev extras, and
+## the Fireworks SDK the compatibility tests and benchmarks compare with
+## (fireworks-ai pins a certifi newer than PyPI's mirror here; the SDK's
+## sampler needs only these, so they go in without dependencies).
 build: $(PY)
 	$(PY) -m pip install -q "maturin>=1.7,<2"
 	$(VENV)/bin/maturin develop --release -q -E dev,testing
+	$(PY) -m pip install -q --no-deps fireworks-ai==1.2.30 distro httpx-aiohttp
 
 setup: engine build
 
@@ -52,9 +56,6 @@ bench-rust:
 	$(CARGO) bench -p rollstream-core
 
 bench-python: setup
-	# fireworks-ai pins a certifi newer than PyPI's mirror here; its decoder and
-	# sampler need only these (benchmarks report it when unavailable).
-	-$(PY) -m pip install -q --no-deps fireworks-ai==1.2.30 distro httpx-aiohttp
 	$(PY) -m pytest benches -p no:cacheprovider
 
 clean:

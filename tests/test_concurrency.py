@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from rollstream import AdaptiveConcurrencyController, FixedConcurrencyController
+from rollstream import AdaptiveConcurrencyController, FixedConcurrencyController, ServerMetrics
 
 
 async def _hold(
@@ -100,37 +100,136 @@ def test_safe_across_threads_and_event_loops() -> None:
     assert ctrl.step_completed()["max_in_flight"] == 3
 
 
+def feed(ctrl: AdaptiveConcurrencyController | FixedConcurrencyController, metrics: ServerMetrics) -> None:
+    """One request through the controller: acquire, then release with its metrics."""
+    asyncio.run(ctrl.acquire())
+    ctrl.release(metrics)
+
+
+def queued(seconds: float, prompt: int = 100, cached: int | None = None) -> ServerMetrics:
+    return ServerMetrics(
+        prefill_queue_duration=seconds,
+        prompt_tokens=prompt,
+        cached_prompt_tokens=cached,
+        http_status_code=200,
+    )
+
+
 def test_adaptive_reacts_to_signals_and_reports() -> None:
-    ctrl = AdaptiveConcurrencyController(initial_window=16, prefill_queue_target=0.5, interval=4)
-    ctrl.record_congestion(0)
-    ctrl.record_congestion(0)  # within the cooldown: one burst, one shrink
-    assert ctrl.window == 8
+    ctrl = AdaptiveConcurrencyController(initial_window=16, prefill_queue_target=0.5, adjustment_interval=4)
+    feed(ctrl, ServerMetrics(http_status_code=503, retry_attempt=1))
+    feed(ctrl, ServerMetrics(transport_error=True, retry_attempt=1))  # within the cooldown: one shrink
+    assert ctrl.window_size == 8
     ctrl = AdaptiveConcurrencyController(
-        initial_window=16, prefill_queue_target=0.5, interval=4, congestion_cooldown=1e-9
+        initial_window=16, prefill_queue_target=0.5, adjustment_interval=4, shrink_cooldown_s=1e-9
     )
     for _ in range(4):
-        ctrl.record_success(queue_time_s=0.01, prompt_tokens=100, cached_tokens=50)
-    assert ctrl.window == 20
+        feed(ctrl, queued(0.01, cached=50))
+    assert ctrl.window_size == 20
     for _ in range(4):
-        ctrl.record_success(queue_time_s=4.0, prompt_tokens=100)
-    assert ctrl.window == 10
-    ctrl.record_congestion(0)
-    assert ctrl.window == 5
+        feed(ctrl, queued(4.0))
+    assert ctrl.window_size == 10
+    feed(ctrl, ServerMetrics(http_status_code=429, retry_attempt=1))
+    assert ctrl.window_size == 5
     summary = ctrl.step_completed()
     assert summary["window"] == 5
-    assert summary["requests"] == 8
-    assert summary["cache_hit_rate"] == pytest.approx(200 / 800)
+    assert "window_after" not in summary, "no samples were pending at the step"
+    assert summary["requests"] == 9
+    # Only the requests whose cached tokens the server reported count.
+    assert summary["cache_hit_rate"] == pytest.approx(200 / 400)
     assert summary["congestion_events"] == 1
     assert summary["shrinks"] == 2
     assert summary["avg_pq"] == pytest.approx((4 * 0.01 + 4 * 4.0) / 8)
 
 
+def test_step_window_is_the_value_before_the_adjustment() -> None:
+    ctrl = AdaptiveConcurrencyController(initial_window=16, adjustment_interval=0)
+    for _ in range(3):
+        feed(ctrl, queued(0.0))
+    assert ctrl.window_size == 16, "adjustment_interval=0: only step_completed adjusts"
+    s = ctrl.step_completed()
+    assert (s["window"], s["window_after"]) == (16, 20)
+    assert ctrl.window_size == 20
+    idle = ctrl.step_completed()
+    assert idle["window"] == 20
+    for absent in ("window_after", "avg_pq", "cache_hit_rate", "congestion_events", "pending_decrease"):
+        assert absent not in idle, absent
+    assert all(v is not None for v in idle.values())
+
+
+def test_reference_defaults_and_clamping() -> None:
+    ctrl = AdaptiveConcurrencyController()
+    assert ctrl.window_size == 8
+    assert AdaptiveConcurrencyController(initial_window=0).window_size == 1
+    assert AdaptiveConcurrencyController(initial_window=10_000, max_window=64).window_size == 64
+    with pytest.raises(ValueError, match="adjustment_interval"):
+        AdaptiveConcurrencyController(adjustment_interval=-1)
+    with pytest.deprecated_call():
+        old = AdaptiveConcurrencyController(interval=4, congestion_cooldown=2.0)
+    assert old.window_size == 8
+
+
+def test_cache_hit_rate_is_absent_when_the_server_reports_nothing() -> None:
+    """Defect 4: unknown cached tokens read as a 0.0 hit rate."""
+    for ctrl in (AdaptiveConcurrencyController(), FixedConcurrencyController(4)):
+        for _ in range(3):
+            feed(ctrl, queued(0.01, prompt=500, cached=None))
+        assert "cache_hit_rate" not in ctrl.step_completed()
+        feed(ctrl, queued(0.01, prompt=500, cached=0))
+        assert ctrl.step_completed()["cache_hit_rate"] == 0.0
+
+
+def test_ttft_fallback_is_normalised_by_prompt_length() -> None:
+    """Defect 5: without queue metrics, long prompts were read as queueing.
+
+    Short and long prompts alternate with prefill-bound first tokens (20 ms +
+    0.4 ms per token) and nothing queues: the window must not shrink. The
+    same long prompts behind a 3 s queue must shrink it."""
+    ctrl = AdaptiveConcurrencyController(initial_window=16, adjustment_interval=8)
+    for i in range(64):
+        n = 100 if i % 2 else 6000
+        feed(ctrl, ServerMetrics(client_ttft=0.02 + 0.0004 * n, prompt_tokens=n, http_status_code=200))
+    calm = ctrl.step_completed()
+    assert calm["shrinks"] == 0, calm
+    assert ctrl.window_size >= 16
+    for _ in range(16):
+        feed(
+            ctrl,
+            ServerMetrics(client_ttft=3.0 + 0.02 + 0.0004 * 6000, prompt_tokens=6000, http_status_code=200),
+        )
+    assert ctrl.step_completed()["shrinks"] >= 1
+
+
+def test_reference_controller_protocol() -> None:
+    from rollstream.concurrency import SamplingConcurrencyController, check_controller
+
+    for ctrl in (AdaptiveConcurrencyController(), FixedConcurrencyController(3)):
+        assert isinstance(ctrl, SamplingConcurrencyController)
+        check_controller(ctrl)
+        ctrl.note_retry_exhausted(ServerMetrics(http_status_code=503))
+    with pytest.raises(TypeError, match="window_size"):
+        check_controller(object())
+
+    class SyncAcquire:
+        window_size = 1
+
+        def acquire(self) -> None: ...
+        def release(self, metrics: object = None) -> None: ...
+        def step_completed(self) -> dict[str, float]:
+            return {}
+
+    with pytest.raises(TypeError, match="async def"):
+        check_controller(SyncAcquire())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
-        ({"initial_window": 0}, "initial_window"),
+        ({"min_window": 0}, "min_window=0"),
         ({"min_window": 10, "max_window": 5}, "max_window=5"),
         ({"prefill_queue_target": 0}, "prefill_queue_target=0"),
+        ({"multiplicative_decrease": 1.5}, "multiplicative_decrease=1.5"),
+        ({"ema_alpha": 0}, "ema_alpha=0"),
     ],
 )
 def test_bad_configuration(kwargs: dict[str, float], fragment: str) -> None:

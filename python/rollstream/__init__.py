@@ -10,21 +10,39 @@ from . import _core
 from ._exceptions import (
     ChatFormatError,
     DeadlineExceededError,
+    DeploymentSamplerTimeoutError,
     EngineError,
     EngineStartError,
     RequestRejectedError,
     RetriesExhaustedError,
     RollstreamError,
     SamplingError,
+    SamplingMaskError,
+    SamplingProtocolError,
+    SamplingRequestError,
+    SamplingTimeoutError,
     StreamError,
     StreamProtocolError,
     StreamServerError,
     StreamTruncatedError,
     TemplateError,
     TokenizerError,
+    TransportClosedError,
 )
-from .concurrency import AdaptiveConcurrencyController, FixedConcurrencyController
-from .sampler import DeploymentSampler, RetryPolicy, SampledCompletion, SamplerMetrics, SamplerTimeouts
+from ._models import (
+    SampledCompletion,
+    SampledRequestResult,
+    SampledServerAttempt,
+    SamplerMetrics,
+    ServerMetrics,
+)
+from ._pool import EndpointPool, Route, StaticPool
+from .concurrency import (
+    AdaptiveConcurrencyController,
+    FixedConcurrencyController,
+    SamplingConcurrencyController,
+)
+from .sampler import DeploymentSampler, RetryPolicy, SamplerTimeouts, sample_seed
 from .streams import StreamDecoder, StreamResult, parse_stream
 from .tokenizer import ChatTokenizer
 
@@ -36,6 +54,8 @@ __all__ = [
     "ChatTokenizer",
     "DeadlineExceededError",
     "DeploymentSampler",
+    "DeploymentSamplerTimeoutError",
+    "EndpointPool",
     "EngineError",
     "EngineStartError",
     "FixedConcurrencyController",
@@ -43,10 +63,20 @@ __all__ = [
     "RetriesExhaustedError",
     "RetryPolicy",
     "RollstreamError",
+    "Route",
     "SampledCompletion",
+    "SampledRequestResult",
+    "SampledServerAttempt",
     "SamplerMetrics",
     "SamplerTimeouts",
+    "SamplingConcurrencyController",
     "SamplingError",
+    "SamplingMaskError",
+    "SamplingProtocolError",
+    "SamplingRequestError",
+    "SamplingTimeoutError",
+    "ServerMetrics",
+    "StaticPool",
     "StreamDecoder",
     "StreamError",
     "StreamProtocolError",
@@ -55,6 +85,8 @@ __all__ = [
     "StreamTruncatedError",
     "TemplateError",
     "TokenizerError",
+    "TransportClosedError",
     "__version__",
     "parse_stream",
+    "sample_seed",
 ]

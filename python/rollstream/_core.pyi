@@ -5,7 +5,7 @@ These are low-level entry points; the public API wraps them in
 """
 
 from collections.abc import Callable
-from typing import Any, final
+from typing import Any, Literal, final
 
 __version__: str
 
@@ -85,6 +85,77 @@ class RequestHandle:
     def tokens(self) -> int: ...
 
 @final
+class StreamOk:
+    """A completed attempt: a 2xx response whose stream decoded to [DONE]."""
+
+    def __init__(
+        self,
+        status: int,
+        result: dict[str, Any],
+        head_s: float,
+        first_byte_s: float,
+        first_token_s: float,
+        total_s: float,
+        request_id: str | None = None,
+    ) -> None: ...
+    @property
+    def ok(self) -> Literal[True]: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def result(self) -> dict[str, Any]: ...
+    @property
+    def head_s(self) -> float: ...
+    @property
+    def first_byte_s(self) -> float: ...
+    @property
+    def first_token_s(self) -> float: ...
+    @property
+    def total_s(self) -> float: ...
+    @property
+    def request_id(self) -> str | None: ...
+
+FailureKind = Literal["invalid", "connect", "timeout", "transport", "status", "decode", "cancelled", "closed"]
+
+@final
+class StreamFailure:
+    """How an attempt failed."""
+
+    def __init__(
+        self,
+        kind: FailureKind,
+        message: str,
+        tokens: int = 0,
+        *,
+        status: int | None = None,
+        body: str | None = None,
+        retry_after: str | None = None,
+        truncated: bool = False,
+        offset: int | None = None,
+        excerpt: str | None = None,
+    ) -> None: ...
+    @property
+    def ok(self) -> Literal[False]: ...
+    @property
+    def kind(self) -> FailureKind: ...
+    @property
+    def message(self) -> str: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def status(self) -> int | None: ...
+    @property
+    def body(self) -> str | None: ...
+    @property
+    def retry_after(self) -> str | None: ...
+    @property
+    def truncated(self) -> bool: ...
+    @property
+    def offset(self) -> int | None: ...
+    @property
+    def excerpt(self) -> str | None: ...
+
+@final
 class StreamClient:
     def __init__(
         self,
@@ -101,7 +172,7 @@ class StreamClient:
         body: bytes,
         idle_timeout: float,
         total_timeout: float,
-        callback: Callable[[dict[str, Any]], None],
+        callback: Callable[[StreamOk | StreamFailure], None],
     ) -> RequestHandle: ...
     @property
     def in_flight(self) -> int: ...
@@ -115,13 +186,19 @@ class Aimd:
         min_window: float,
         max_window: float,
         target: float,
+        *,
+        additive_increase: float = 1.0,
+        decrease: float = 0.5,
+        alpha: float = 0.3,
         interval: int = 32,
         cooldown: float = 1.0,
     ) -> None: ...
     @property
     def window(self) -> int: ...
+    @property
+    def ema(self) -> float | None: ...
     def queue_time(self, seconds: float, now: float) -> int: ...
-    def first_token(self, seconds: float, now: float) -> int: ...
+    def first_token(self, seconds: float, prefill_tokens: int, now: float) -> int: ...
     def congestion(self, retry_attempt: int, now: float) -> int: ...
     def step(self, now: float) -> dict[str, Any]: ...
 

@@ -1,31 +1,92 @@
 """Concurrency control for sampling: how many requests may be in flight.
 
-Both controllers share one admission gate that fixes the reference SDK's
-flaws: waiters are admitted in FIFO order, *as many as the window allows*
-(a grown window is used at once, not one waiter per release), it is safe to
-use from any thread and any event loop, and a cancelled waiter never leaks a
-slot. The sampler releases its slot while it sleeps in retry back-off.
+The controllers follow the Fireworks SDK's protocol
+(:class:`SamplingConcurrencyController`: ``window_size``, ``acquire()``,
+``release(metrics=None)`` with the attempt's :class:`~rollstream.ServerMetrics`,
+``step_completed()``, ``note_retry_exhausted(metrics)``), its constructor
+arguments and defaults, so either side's controllers work with either side's
+sampler. Both share one admission gate that fixes the SDK's flaws: waiters
+are admitted in FIFO order, *as many as the window allows* (a grown window
+is used at once, not one waiter per release), it is safe to use from any
+thread and any event loop, and a cancelled waiter never leaks a slot. The
+sampler releases its slot while it sleeps in retry back-off.
 
 - :class:`FixedConcurrencyController`: a static window.
 - :class:`AdaptiveConcurrencyController`: AIMD on the server's queueing
-  signal (vLLM's per-request ``metrics.queue_time_ms``, else client-measured
-  time to first token above its baseline), shrinking at once on 429/503 or
-  transport errors. The state machine is in the Rust core.
+  signal (``prefill_queue_duration``: vLLM's per-request ``queue_time_ms``;
+  without it, client-measured time to first token above what prefilling that
+  prompt length takes), shrinking at once on 429/503 or transport errors.
+  The state machine is in the Rust core.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from . import _core
 
-__all__ = ["AdaptiveConcurrencyController", "ConcurrencyController", "FixedConcurrencyController"]
+if TYPE_CHECKING:
+    from ._models import ServerMetrics
+
+__all__ = [
+    "AdaptiveConcurrencyController",
+    "ConcurrencyController",
+    "FixedConcurrencyController",
+    "SamplingConcurrencyController",
+]
+
+#: Statuses that signal overload.
+CONGESTION_STATUS = frozenset({429, 503})
+
+
+@runtime_checkable
+class SamplingConcurrencyController(Protocol):
+    """What the sampler needs of a controller (the Fireworks SDK's protocol).
+    ``note_retry_exhausted(metrics)`` is optional."""
+
+    @property
+    def window_size(self) -> int: ...
+
+    async def acquire(self) -> None: ...
+
+    def release(self, metrics: ServerMetrics | None = None) -> None: ...
+
+    def step_completed(self) -> dict[str, float]: ...
+
+
+def check_controller(controller: object) -> SamplingConcurrencyController:
+    """``controller`` if it implements the protocol, else a TypeError naming
+    what is missing."""
+    missing = [
+        name
+        for name in ("window_size", "acquire", "release", "step_completed")
+        if not hasattr(type(controller), name) and not hasattr(controller, name)
+    ]
+    acquire = getattr(controller, "acquire", None)
+    if not missing and not inspect.iscoroutinefunction(acquire):
+        missing.append("acquire (must be `async def`)")
+    if missing:
+        raise TypeError(
+            f"concurrency_controller={controller!r} ({type(controller).__module__}."
+            f"{type(controller).__name__}) does not implement the controller protocol: missing "
+            f"{', '.join(missing)}. Pass rollstream.FixedConcurrencyController(n), "
+            "rollstream.AdaptiveConcurrencyController(...) or an object with window_size, "
+            "async acquire(), release(metrics=None) and step_completed()"
+        )
+    return controller  # type: ignore[return-value]
+
+
+def is_congestion(metrics: ServerMetrics) -> bool:
+    """A 429/503 or a failure below HTTP."""
+    return bool(metrics.transport_error) or metrics.http_status_code in CONGESTION_STATUS
 
 
 class _Gate:
@@ -114,19 +175,31 @@ class _Gate:
 
 
 class ConcurrencyController:
-    """Base of the controllers: a gate plus per-step counters."""
+    """Base of the controllers: the admission gate plus per-step counters."""
 
     def __init__(self, window: int) -> None:
         self._gate = _Gate(window)
         self._stats_lock = threading.Lock()
+        self._reset_stats()
+
+    def _reset_stats(self) -> None:
         self._requests = 0
-        self._prompt_tokens = 0
-        self._cached_tokens = 0
-        self._congestion = 0
+        self._cache_hits = 0
+        self._cache_total = 0
+        self._window_sum = 0.0
+        self._window_samples = 0
+        self._status_responses = 0
+        self._congestion_responses = 0
+        self._retry_exhaustions = 0
+
+    @property
+    def window_size(self) -> int:
+        """Requests allowed in flight."""
+        return self._gate.window
 
     @property
     def window(self) -> int:
-        """Requests allowed in flight."""
+        """Alias of :attr:`window_size`."""
         return self._gate.window
 
     @property
@@ -137,8 +210,36 @@ class ConcurrencyController:
         """Wait for a slot (FIFO)."""
         await self._gate.acquire()
 
-    def release(self) -> None:
+    def release(self, metrics: ServerMetrics | None = None) -> None:
+        """Give the slot back; ``metrics`` (the attempt's) feeds the controller."""
+        window = self._gate.window
         self._gate.release()
+        with self._stats_lock:
+            self._window_sum += window
+            self._window_samples += 1
+            if metrics is not None:
+                self._requests += 1
+                # Only pairs the server reported: an unknown cache is not a miss.
+                if metrics.cached_prompt_tokens is not None and metrics.prompt_tokens:
+                    self._cache_hits += metrics.cached_prompt_tokens
+                    self._cache_total += metrics.prompt_tokens
+                code = metrics.http_status_code
+                if is_congestion(metrics):
+                    self._status_responses += 1
+                    self._congestion_responses += 1
+                elif code is not None and 200 <= code < 300:
+                    self._status_responses += 1
+        if metrics is not None:
+            self._observe(metrics)
+
+    def _observe(self, metrics: ServerMetrics) -> None:
+        """Hook: adapt the window to one attempt's metrics."""
+
+    def note_retry_exhausted(self, metrics: ServerMetrics | None = None) -> None:
+        """A request failed for good (after its last release)."""
+        if metrics is not None and is_congestion(metrics):
+            with self._stats_lock:
+                self._retry_exhaustions += 1
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -148,44 +249,34 @@ class ConcurrencyController:
         finally:
             self.release()
 
-    def record_success(
-        self,
-        *,
-        queue_time_s: float | None = None,
-        first_token_s: float | None = None,
-        prompt_tokens: int = 0,
-        cached_tokens: int | None = None,
-    ) -> None:
-        """A request finished; feed its signals."""
+    def _summary(self, window_before: int) -> dict[str, float]:
+        """The step's counters (reset); keys without data are absent."""
         with self._stats_lock:
-            self._requests += 1
-            self._prompt_tokens += prompt_tokens
-            self._cached_tokens += cached_tokens or 0
-
-    def record_congestion(self, retry_attempt: int = 0) -> None:
-        """A request met 429/503 or a transport error."""
-        with self._stats_lock:
-            self._congestion += 1
-
-    def _base_summary(self) -> dict[str, Any]:
-        with self._stats_lock:
-            out: dict[str, Any] = {
-                "window": self.window,
-                "requests": self._requests,
-                "max_in_flight": self._gate.reset_max(),
-                "in_flight": self.in_flight,
-                "congestion_events": self._congestion,
-                "cache_hit_rate": (self._cached_tokens / self._prompt_tokens)
-                if self._prompt_tokens
-                else None,
+            out: dict[str, float] = {
+                "window": float(window_before),
+                "requests": float(self._requests),
+                "max_in_flight": float(self._gate.reset_max()),
             }
-            self._requests = self._prompt_tokens = self._cached_tokens = self._congestion = 0
+            pending = self._gate.in_flight - window_before
+            if pending > 0:
+                out["pending_decrease"] = float(pending)
+            if self._window_samples:
+                out["avg_window"] = self._window_sum / self._window_samples
+            if self._status_responses:
+                out["status_responses"] = float(self._status_responses)
+                out["congestion_responses"] = float(self._congestion_responses)
+                out["congestion_rate"] = self._congestion_responses / self._status_responses
+            if self._retry_exhaustions:
+                out["retry_exhaustions"] = float(self._retry_exhaustions)
+            if self._cache_total > 0:
+                out["cache_hit_rate"] = self._cache_hits / self._cache_total
+            self._reset_stats()
         return out
 
-    def step_completed(self) -> dict[str, Any]:
+    def step_completed(self) -> dict[str, float]:
         """Call between training steps: a summary of the step (and a reset of
-        its counters)."""
-        return self._base_summary()
+        its counters). ``window`` is the window during the step."""
+        return self._summary(self._gate.window)
 
 
 class FixedConcurrencyController(ConcurrencyController):
@@ -197,82 +288,111 @@ class FixedConcurrencyController(ConcurrencyController):
         super().__init__(max_concurrency)
 
     def __repr__(self) -> str:
-        return f"FixedConcurrencyController({self.window})"
+        return f"FixedConcurrencyController({self.window_size})"
 
 
 class AdaptiveConcurrencyController(ConcurrencyController):
-    """AIMD window on the server's prefill-queue delay.
+    """AIMD window on the server's prefill-queue delay (the Fireworks SDK's
+    rules, arguments and defaults).
 
-    ``prefill_queue_target`` is in seconds. The window is adjusted every
-    ``interval`` finished requests and at :meth:`step_completed`.
+    ``prefill_queue_target`` is in seconds. Queue samples are averaged every
+    ``adjustment_interval`` released requests (0: only at
+    :meth:`step_completed`) into an EMA (weight ``ema_alpha``); above the
+    target the window is multiplied by ``multiplicative_decrease``, below it
+    grows by ``additive_increase * min(target / ema, 4)``. A 429/503 or
+    transport failure shrinks at once (twice as hard from the third attempt
+    of a request), once per ``shrink_cooldown_s``. ``initial_window`` is
+    clamped into ``[min_window, max_window]``; contradictory settings
+    (``min_window < 1``, ``max_window < min_window``, a non-positive target,
+    factors outside their ranges) raise ``ValueError`` naming the value.
+
+    Without ``prefill_queue_duration`` (vLLM's generate endpoint), the
+    signal is the client-measured time to first token minus what prefilling
+    that many uncached prompt tokens takes unqueued (estimated from recent
+    requests, scaled to the prompt's length).
     """
 
     def __init__(
         self,
-        initial_window: int = 16,
+        initial_window: int = 8,
         min_window: int = 1,
         max_window: int = 256,
         prefill_queue_target: float = 0.5,
-        *,
-        interval: int = 32,
-        congestion_cooldown: float = 1.0,
+        additive_increase: float = 1.0,
+        multiplicative_decrease: float = 0.5,
+        ema_alpha: float = 0.3,
+        adjustment_interval: int = 32,
+        shrink_cooldown_s: float = 1.0,
+        **deprecated: Any,
     ) -> None:
+        for old, new in (("interval", "adjustment_interval"), ("congestion_cooldown", "shrink_cooldown_s")):
+            if old in deprecated:
+                warnings.warn(f"{old}= is deprecated; use {new}=", DeprecationWarning, stacklevel=2)
+                if old == "interval":
+                    adjustment_interval = deprecated.pop(old)
+                else:
+                    shrink_cooldown_s = deprecated.pop(old)
+        if deprecated:
+            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(deprecated))}")
+        if not isinstance(adjustment_interval, int) or adjustment_interval < 0:
+            raise ValueError(f"adjustment_interval={adjustment_interval!r} must be a non-negative int")
         self._aimd = _core.Aimd(
             float(initial_window),
             float(min_window),
             float(max_window),
             float(prefill_queue_target),
-            interval,
-            congestion_cooldown,
+            additive_increase=float(additive_increase),
+            decrease=float(multiplicative_decrease),
+            alpha=float(ema_alpha),
+            interval=adjustment_interval,
+            cooldown=float(shrink_cooldown_s),
         )
         super().__init__(self._aimd.window)
         self.prefill_queue_target = prefill_queue_target
         self.min_window = min_window
         self.max_window = max_window
 
-    def record_success(
-        self,
-        *,
-        queue_time_s: float | None = None,
-        first_token_s: float | None = None,
-        prompt_tokens: int = 0,
-        cached_tokens: int | None = None,
-    ) -> None:
-        super().record_success(prompt_tokens=prompt_tokens, cached_tokens=cached_tokens)
+    @property
+    def ema_prefill_queue(self) -> float | None:
+        """Smoothed queue signal, or None before the first adjustment."""
+        return self._aimd.ema
+
+    def _observe(self, metrics: ServerMetrics) -> None:
         now = time.monotonic()
-        if queue_time_s is not None:
-            window = self._aimd.queue_time(queue_time_s, now)
-        elif first_token_s is not None:
-            window = self._aimd.first_token(first_token_s, now)
+        if is_congestion(metrics):
+            window = self._aimd.congestion(max(1, metrics.retry_attempt or 1), now)
+        elif metrics.prefill_queue_duration is not None:
+            window = self._aimd.queue_time(metrics.prefill_queue_duration, now)
+        elif metrics.client_ttft is not None and metrics.http_status_code in (None, 200):
+            prefill = (metrics.prompt_tokens or 0) - (metrics.cached_prompt_tokens or 0)
+            window = self._aimd.first_token(metrics.client_ttft, max(prefill, 0), now)
         else:
             return
         if window != self._gate.window:
             self._gate.set_window(window)
 
-    def record_congestion(self, retry_attempt: int = 0) -> None:
-        super().record_congestion(retry_attempt)
-        window = self._aimd.congestion(retry_attempt, time.monotonic())
-        if window != self._gate.window:
-            self._gate.set_window(window)
-
-    def step_completed(self) -> dict[str, Any]:
+    def step_completed(self) -> dict[str, float]:
+        """Adjust the window on the step's remaining samples and summarise
+        the step: ``window`` is the value before this adjustment,
+        ``window_after`` (present when there were samples) the value after;
+        ``avg_pq``/``ema_pq`` the queue signal (seconds), ``cache_hit_rate``
+        only when the server reported cached tokens."""
         aimd = self._aimd.step(time.monotonic())
+        out = self._summary(int(aimd["window_before"]))
         self._gate.set_window(aimd["window"])
-        out = self._base_summary()
-        out.update(
-            window=aimd["window"],
-            window_before=aimd["window_before"],
-            avg_pq=aimd["avg_pq"],
-            ema_pq=aimd["ema_pq"],
-            queue_samples=aimd["queue_samples"],
-            ttft_samples=aimd["ttft_samples"],
-            shrinks=aimd["shrinks"],
-            grows=aimd["grows"],
-        )
+        if aimd["adjusted"]:
+            out["window_after"] = float(aimd["window"])
+        for key in ("avg_pq", "ema_pq"):
+            if aimd[key] is not None:
+                out[key] = float(aimd[key])
+        for key in ("queue_samples", "ttft_samples", "shrinks", "grows"):
+            out[key] = float(aimd[key])
+        if aimd["congestion_events"]:
+            out["congestion_events"] = float(aimd["congestion_events"])
         return out
 
     def __repr__(self) -> str:
         return (
-            f"AdaptiveConcurrencyController(window={self.window}, min={self.min_window}, "
+            f"AdaptiveConcurrencyController(window={self.window_size}, min={self.min_window}, "
             f"max={self.max_window}, target={self.prefill_queue_target}s)"
         )

@@ -1,82 +1,122 @@
 """DeploymentSampler: chat messages or token ids in, n samples out, from vLLM.
 
-Names and signatures follow the Fireworks training SDK (and so Tinker-style
-trainers), so switching is a change of import; the protocol is vLLM's and
-the reference's known flaws are fixed:
+Names, signatures and results follow the Fireworks training SDK's
+``DeploymentSampler`` (so a trainer switches by changing an import); the
+protocol is vLLM's and the SDK's known flaws are fixed:
 
 - tokenization is client-side in Rust (:class:`~rollstream.ChatTokenizer`),
   GIL released, never transformers on the event loop;
 - ``n`` samples are ``n`` streaming requests with their own ``X-Request-Id``
-  (stable across retries) and their own seed (``seed + i``), streamed and
-  decoded in Rust; Python wakes once per finished sample;
-- a failed request is retried alone (jittered back-off, ``Retry-After``
-  honoured, a total deadline per logical request, concurrency slot released
-  while sleeping); a terminal failure cancels the siblings and names what
-  failed and which samples completed;
-- ``max_seq_len`` clamps ``max_tokens`` so no generation is wasted, and every
-  dropped sample is counted in :attr:`DeploymentSampler.metrics`;
+  (stable across retries) and their own seed (:func:`sample_seed`: distinct
+  calls never share a sample), streamed and decoded in Rust; Python wakes
+  once per finished sample;
+- a failed attempt is retried alone when retrying can help (jittered
+  back-off, ``Retry-After`` honoured, a total deadline per logical request,
+  no concurrency slot held while sleeping) and fails at once when it cannot
+  (4xx, malformed replies); a terminal failure cancels the siblings and
+  names what failed and which samples completed;
+- ``max_seq_len`` clamps ``max_tokens`` so no generation is wasted;
 - integer stop ids go to vLLM as ``stop_token_ids``; unset ``top_p``/
   ``top_k``/``min_p`` are sent explicitly so server defaults never leak in;
 - ``finish_reason="abort"`` (the server paused with ``mode=abort``) is
   retried, not returned as a sample;
 - API keys never appear in reprs, logs or exceptions.
+
+The mechanisms live beside this module: request bodies per endpoint
+(``_endpoints``), call options (``_options``), retry classification
+(``_retry``), result mapping (``_results``), control-plane calls such as
+sampling masks (``_control``), where each attempt goes (``_pool``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import collections
 import logging
 import math
-import random
 import threading
 import time
 import uuid
 import warnings
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from email.utils import parsedate_to_datetime
-from typing import Any, Literal, TypeVar
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, TypeVar, cast
 
-import httpx
 import numpy as np
 import numpy.typing as npt
 
+from ._control import ControlClient, MaskFetchFailed, fit_mask
+from ._endpoints import ENDPOINTS, encode, sample_seed
 from ._exceptions import (
     DeadlineExceededError,
-    RequestRejectedError,
-    RetriesExhaustedError,
     SamplingError,
+    SamplingMaskError,
+    SamplingRequestError,
+    TransportClosedError,
 )
 from ._http import Transport
-from .concurrency import AdaptiveConcurrencyController, ConcurrencyController, FixedConcurrencyController
-from .masks import SamplingMask
-from .streams import StreamChoice, StreamResult, TopLogprobs, WeightVersionSpan, _result
+from ._models import (
+    SampledCompletion,
+    SampledRequestResult,
+    SampledServerAttempt,
+    SamplerMetrics,
+    ServerMetrics,
+)
+from ._options import CallOptions
+from ._pool import EndpointPool, Route, StaticPool
+from ._results import (
+    PROCESSED,
+    ReplyMismatch,
+    Wanted,
+    completion,
+    failure_metrics,
+    response_dict,
+    success_metrics,
+)
+from ._retry import (
+    RetryPolicy,
+    Verdict,
+    aborted,
+    classify_failure,
+    classify_stream_error,
+    deadline_error,
+    protocol_error,
+    terminal_error,
+    timeout_diagnostic,
+)
+from .concurrency import AdaptiveConcurrencyController, FixedConcurrencyController, check_controller
+from .streams import StreamResult, _result
 from .tokenizer import ChatTokenizer, Message
 
 __all__ = [
     "DeploymentSampler",
     "RetryPolicy",
     "SampledCompletion",
+    "SampledRequestResult",
+    "SampledServerAttempt",
     "SamplerMetrics",
     "SamplerTimeouts",
+    "ServerMetrics",
+    "sample_seed",
 ]
 
 log = logging.getLogger("rollstream.sampler")
 
 T = TypeVar("T")
 
-#: Statuses worth retrying: timeouts, rate limits, server errors.
-RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-#: Statuses that signal overload to the concurrency controller.
-CONGESTION_STATUS = frozenset({429, 503})
+#: Attempt records kept between :meth:`DeploymentSampler.drain_metrics` calls.
+RECENT_METRICS_MAX = 65_536
+#: Recent records kept for timeout diagnostics, and how long they count.
+DIAGNOSTIC_METRICS_MAX = 32
+DIAGNOSTIC_MAX_AGE_S = 600.0
 
 
 @dataclass(frozen=True)
 class SamplerTimeouts:
     """All timeouts in seconds. ``request`` bounds one logical request across
     all its retries; ``attempt`` one try; ``idle`` the silence between stream
-    chunks (includes waiting in the server's queue before the first one)."""
+    chunks (includes waiting in the server's queue before the first one; a
+    call's ``http_timeout`` replaces it)."""
 
     connect: float = 10.0
     idle: float = 600.0
@@ -90,133 +130,88 @@ class SamplerTimeouts:
                 raise ValueError(f"SamplerTimeouts.{name}={value!r} must be a positive number of seconds")
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Jittered exponential back-off: ``base * 2**k`` capped at ``cap``,
-    times U[0.5, 1.5); a server's ``Retry-After`` is a floor (capped at
-    ``max_retry_after``)."""
+class _NoController:
+    """Stands in for the concurrency controller where the SDK uses none
+    (``async_completions_stream``)."""
 
-    max_attempts: int = 6
-    base: float = 0.5
-    cap: float = 15.0
-    max_retry_after: float = 60.0
+    async def acquire(self) -> None:
+        return None
 
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"RetryPolicy.max_attempts={self.max_attempts} must be >= 1")
-
-    def delay(self, attempt: int, retry_after: float | None) -> float:
-        d = min(self.cap, self.base * 2.0**attempt) * random.uniform(0.5, 1.5)
-        if retry_after is not None:
-            d = max(d, min(retry_after, self.max_retry_after))
-        return d
-
-
-@dataclass(frozen=True, eq=False)
-class SampledCompletion:
-    """One sample.
-
-    Lists where the reference SDK has lists (``full_tokens``,
-    ``inference_logprobs``); numpy arrays for the long per-token data that is
-    new here (``completion_ids``, ``completion_logprobs``).
-    """
-
-    text: str
-    #: Prompt + completion token ids.
-    full_tokens: list[int]
-    prompt_len: int
-    #: "stop" or "length" ("repetition" when the server detects loops).
-    finish_reason: str
-    completion_len: int
-    #: Per-token logprobs of the completion (of the distribution sampled
-    #: from, with ``--logprobs-mode processed_logprobs``); with ``echo=True``,
-    #: training-aligned: P+C-1 entries aligned with ``full_tokens[1:]``.
-    inference_logprobs: list[float] | None = None
-    logprobs_echoed: bool = False
-    #: Prompt logprobs included at the head of ``inference_logprobs``.
-    echoed_prompt_logprob_count: int = 0
-    #: Top candidates per completion token (ids where the server gave ids).
-    top_logprobs: TopLogprobs | None = None
-    #: Routed experts (tokens, layers, top_k) for MoE router replay.
-    routing_matrices: np.ndarray | None = None
-    sampling_mask: SamplingMask | None = None
-    #: Weights that produced the sample, when the server reports it (generate
-    #: endpoint); "mixed" when a weight update happened mid-sample.
-    weight_version: str | None = None
-    weight_versions: tuple[WeightVersionSpan, ...] = ()
-    #: The X-Request-Id of the request that produced this sample.
-    request_id: str | None = None
-    stop_reason: int | str | None = None
-    completion_ids: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
-    completion_logprobs: npt.NDArray[np.float32] | None = field(default=None, repr=False)
-    attempts: int = 1
-
-    @property
-    def prompt_tokens(self) -> list[int]:
-        return self.full_tokens[: self.prompt_len]
+    def release(self, metrics: ServerMetrics | None = None) -> None:
+        return None
 
 
 @dataclass
-class SamplerMetrics:
-    """Counters since the last :meth:`DeploymentSampler.drain_metrics`."""
+class _Attempt:
+    """What one attempt produced."""
 
-    requests: int = 0
-    samples: int = 0
-    attempts: int = 0
-    retries: int = 0
-    failures: int = 0
-    aborted_retried: int = 0
-    #: Samples not requested because the prompt alone reaches max_seq_len.
-    dropped_prompt_too_long: int = 0
-    #: Samples dropped after generation for exceeding max_seq_len.
-    dropped_over_length: int = 0
-    max_tokens_clamped: int = 0
-    completion_tokens: int = 0
-    prompt_tokens: int = 0
-    queue_time_s: float = 0.0
-    retry_reasons: dict[str, int] = field(default_factory=dict)
+    index: int
+    completion: SampledCompletion | None = None
+    verdict: Verdict | None = None
+    result: StreamResult | None = None
+    #: The attempt's record (:meth:`DeploymentSampler.drain_metrics`).
+    metrics: ServerMetrics | None = None
+    #: What the concurrency controller is told (None: nothing it should react to).
+    feedback: ServerMetrics | None = None
+    response_request_id: str | None = None
+    transport_ok: bool = True
 
-
-class _Retry(Exception):
-    """An attempt failed in a way worth retrying."""
-
-    def __init__(
-        self, reason: str, message: str, *, retry_after: float | None = None, congestion: bool = False
-    ):
-        super().__init__(message)
-        self.reason = reason
-        self.retry_after = retry_after
-        self.congestion = congestion
+    def record(self) -> SampledServerAttempt:
+        v = self.verdict
+        outcome: Literal["succeeded", "retryable_error", "failed"] = (
+            "succeeded" if v is None else ("retryable_error" if v.retry else "failed")
+        )
+        return SampledServerAttempt(
+            index=self.index,
+            outcome=outcome,
+            status_code=self.metrics.http_status_code if self.metrics is not None else None,
+            error_kind=None if v is None else v.kind,
+            response_request_id=self.response_request_id,
+            upstream_response_id=self.result.request_id if self.result is not None else None,
+            server_metrics=self.metrics,
+        )
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
-
-def _server_message(body: str) -> str:
-    try:
-        err = json.loads(body).get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-    except (ValueError, AttributeError):
-        pass
-    return body.strip()[:2000] or "(empty body)"
-
-
-def _run_sync(coro: Awaitable[T]) -> T:
+def _run_sync(coro: Coroutine[Any, Any, T], transport: Transport) -> T:
+    """``coro`` on a fresh event loop; what the transport kept for that loop
+    is closed before the loop ends."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    raise RuntimeError("the *_sync methods cannot run inside an event loop; await the async method instead")
+        pass
+    else:
+        coro.close()
+        raise RuntimeError(
+            "the *_sync methods cannot run inside an event loop; await the async method instead"
+        )
+
+    async def scoped() -> T:
+        try:
+            return await coro
+        finally:
+            await transport.release_loop()
+
+    return asyncio.run(scoped())
+
+
+def _check_prompt(ids: Sequence[int] | npt.NDArray[np.integer[Any]]) -> list[int]:
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"prompt_token_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+        out = cast("list[int]", ids.tolist())
+    elif isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(f"prompt_token_ids must be a sequence of ints, got {type(ids).__name__}")
+    else:
+        out = list(ids)
+        for i, x in enumerate(out):
+            if not isinstance(x, (int, np.integer)) or isinstance(x, bool):
+                raise TypeError(f"prompt_token_ids[{i}] is {x!r}, not an int")
+        out = [int(x) for x in out]
+    if not out:
+        raise ValueError("prompt_token_ids is empty")
+    if min(out) < 0:
+        raise ValueError(f"prompt_token_ids contains a negative id ({min(out)})")
+    return out
 
 
 class DeploymentSampler:
@@ -225,10 +220,18 @@ class DeploymentSampler:
     ``inference_url`` is the server's base URL (``http://host:8000``);
     ``model`` the served model name. ``tokenizer`` is a
     :class:`ChatTokenizer`, a model path or a transformers tokenizer
-    (converted once). ``endpoint`` chooses ``"completions"``
-    (``/v1/completions``: per-request queue metrics for AIMD, echo) or
-    ``"generate"`` (``/inference/v1/generate``: weight versions, sampling
-    masks, routed experts while streaming).
+    (converted once). ``request_context`` (``session``, ``run``,
+    ``checkpoint``, ``step``, ``group``, ``item``) is attached to every
+    sampling error, merged with a call's ``sampling_context``. ``endpoint``
+    chooses ``"completions"`` (``/v1/completions``: per-request queue metrics
+    for AIMD, echo) or ``"generate"`` (``/inference/v1/generate``: weight
+    versions, sampling masks, routed experts while streaming). ``pool``
+    decides where each attempt goes (:mod:`rollstream._pool`; default: the
+    one server at ``inference_url``).
+
+    Use as ``with DeploymentSampler(...) as s:`` or ``async with``, or call
+    :meth:`close` / :meth:`aclose`. Any event loop may use it, one after the
+    other or at once (``asyncio.run`` per ``*_sync`` call included).
     """
 
     def __init__(
@@ -237,20 +240,28 @@ class DeploymentSampler:
         model: str,
         api_key: str | None = None,
         tokenizer: ChatTokenizer | Any = None,
-        concurrency_controller: ConcurrencyController | None = None,
+        concurrency_controller: Any = None,
         max_concurrency: int | None = None,
         additional_headers: Mapping[str, str] | None = None,
         timeout: SamplerTimeouts | float | None = None,
         *,
+        request_context: Mapping[str, Any] | None = None,
         retry: RetryPolicy | None = None,
         endpoint: Literal["completions", "generate"] = "completions",
         transport: Transport | None = None,
+        pool: EndpointPool | None = None,
     ) -> None:
-        if not isinstance(inference_url, str) or not inference_url.startswith(("http://", "https://")):
-            raise ValueError(f"inference_url must be an http(s) URL, got {inference_url!r}")
-        if endpoint not in ("completions", "generate"):
+        if pool is None:
+            if not isinstance(inference_url, str) or not inference_url.startswith(("http://", "https://")):
+                raise ValueError(f"inference_url must be an http(s) URL, got {inference_url!r}")
+            pool = StaticPool(inference_url)
+        elif not isinstance(pool, EndpointPool):
+            raise TypeError(f"pool={pool!r} has no async acquire(session) / release(route, ok=...)")
+        if endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be 'completions' or 'generate', got {endpoint!r}")
-        self.inference_url = inference_url.rstrip("/")
+        if request_context is not None and not isinstance(request_context, Mapping):
+            raise TypeError(f"request_context must be a mapping, got {type(request_context).__name__}")
+        self.inference_url = inference_url.rstrip("/") if isinstance(inference_url, str) else inference_url
         self.model = model
         self._api_key = api_key
         self.tokenizer: ChatTokenizer | None = (
@@ -264,20 +275,36 @@ class DeploymentSampler:
             )
             if concurrency_controller is None:
                 concurrency_controller = FixedConcurrencyController(max_concurrency)
-        self.concurrency_controller: ConcurrencyController = (
+        self.concurrency_controller = (
             concurrency_controller if concurrency_controller is not None else AdaptiveConcurrencyController()
         )
-        self._headers = dict(additional_headers or {})
-        if isinstance(timeout, (int, float)):
+        self.additional_headers: dict[str, str] | None = (
+            dict(additional_headers) if additional_headers is not None else None
+        )
+        self._request_context = dict(request_context) if request_context is not None else None
+        if timeout is None:
+            timeout = SamplerTimeouts()
+        elif not isinstance(timeout, SamplerTimeouts):
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+                raise TypeError(f"timeout must be SamplerTimeouts or seconds, got {timeout!r}")
             timeout = SamplerTimeouts(attempt=float(timeout), request=max(float(timeout), 1.0) * 2)
-        self.timeouts = timeout or SamplerTimeouts()
+        self.timeouts: SamplerTimeouts = timeout
         self.retry = retry or RetryPolicy()
         self.endpoint = endpoint
+        self._endpoint = ENDPOINTS[endpoint]
+        self._pool: EndpointPool = pool
         self._transport = transport or Transport(connect_timeout=self.timeouts.connect)
         self._own_transport = transport is None
-        self._metrics = SamplerMetrics()
-        self._metrics_lock = threading.Lock()
-        self._control: httpx.AsyncClient | None = None
+        auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._control = ControlClient(auth)
+        self._counters = SamplerMetrics()
+        self._lock = threading.Lock()
+        self._recent: collections.deque[ServerMetrics] = collections.deque(maxlen=RECENT_METRICS_MAX)
+        self._diagnostic: collections.deque[tuple[float, ServerMetrics]] = collections.deque(
+            maxlen=DIAGNOSTIC_METRICS_MAX
+        )
+        self._warned_modes: set[str] = set()
+        self._closed = False
         #: How sampling masks reach this sampler: "native" (vLLM's
         #: --return-sampling-mask), "plugin" (rollstream's worker extension),
         #: or None until the first sample with sampling_mask=True.
@@ -287,29 +314,100 @@ class DeploymentSampler:
         key = "set" if self._api_key else "none"
         return (
             f"DeploymentSampler(inference_url={self.inference_url!r}, model={self.model!r}, "
-            f"endpoint={self.endpoint!r}, api_key=<{key}>, controller={self.concurrency_controller!r})"
+            f"endpoint={self.endpoint!r}, api_key=<{key}>, pool={self._pool!r}, "
+            f"controller={self.concurrency_controller!r})"
         )
 
-    # -- metrics --------------------------------------------------------------
+    # -- the SDK's attributes ---------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """The SDK's name of ``inference_url``."""
+        return str(self.inference_url)
+
+    @property
+    def api_key(self) -> str | None:
+        return self._api_key
+
+    @property
+    def concurrency_controller(self) -> Any:
+        """The controller of later requests (rollstream's or the SDK's:
+        anything with ``window_size``, ``async acquire()``,
+        ``release(metrics=None)`` and ``step_completed()``)."""
+        return self._controller
+
+    @concurrency_controller.setter
+    def concurrency_controller(self, controller: Any) -> None:
+        self._controller = check_controller(controller)
+
+    # -- lifetime -----------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close the sampler: requests in flight fail with
+        :class:`TransportClosedError`, and so do later calls."""
+        self._closed = True
+        self._control.close()
+        if self._own_transport:
+            self._transport.close()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._control.aclose()
+        if self._own_transport:
+            await self._transport.aclose()
+
+    def __enter__(self) -> DeploymentSampler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> DeploymentSampler:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- metrics --------------------------------------------------------------------
 
     @property
     def metrics(self) -> SamplerMetrics:
-        """A snapshot of the counters."""
-        with self._metrics_lock:
-            return replace(self._metrics, retry_reasons=dict(self._metrics.retry_reasons))
+        """A snapshot of rollstream's counters (requests, samples, retries by
+        reason, drops, clamps...)."""
+        with self._lock:
+            return replace(self._counters, retry_reasons=dict(self._counters.retry_reasons))
 
-    def drain_metrics(self) -> SamplerMetrics:
-        """The counters since the last drain, resetting them."""
-        with self._metrics_lock:
-            out, self._metrics = self._metrics, SamplerMetrics()
+    def drain_counters(self) -> SamplerMetrics:
+        """rollstream's counters since the last drain, resetting them."""
+        with self._lock:
+            out, self._counters = self._counters, SamplerMetrics()
+        return out
+
+    def drain_metrics(self) -> list[ServerMetrics]:
+        """The SDK's per-attempt records since the last drain (one per
+        completed or failed attempt, cancelled ones excluded; at most the
+        newest 65,536), clearing them."""
+        with self._lock:
+            out = list(self._recent)
+            self._recent.clear()
         return out
 
     def _count(self, **deltas: float) -> None:
-        with self._metrics_lock:
+        with self._lock:
             for k, v in deltas.items():
-                setattr(self._metrics, k, getattr(self._metrics, k) + v)
+                setattr(self._counters, k, getattr(self._counters, k) + v)
 
-    # -- public API -----------------------------------------------------------
+    def _record(self, m: ServerMetrics) -> None:
+        with self._lock:
+            self._recent.append(m)
+            if m.prefill_queue_duration is not None or m.client_ttft is not None:
+                self._diagnostic.append((time.monotonic(), m))
+
+    # -- public API -------------------------------------------------------------------
 
     async def sample_with_tokens(
         self,
@@ -328,7 +426,11 @@ class DeploymentSampler:
         if self.tokenizer is None:
             raise ValueError("sample_with_tokens needs a tokenizer: DeploymentSampler(..., tokenizer=...)")
         prompt = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tools=tools, **dict(chat_template_kwargs or {})
+            messages,
+            tokenize=True,
+            add_generation_prompt=True,
+            tools=tools,
+            **dict(chat_template_kwargs or {}),
         )
         return await self.sample_with_prompt_tokens(
             prompt, n=n, max_tokens=max_tokens, temperature=temperature, max_seq_len=max_seq_len, **kwargs
@@ -341,87 +443,133 @@ class DeploymentSampler:
         max_tokens: int = 1024,
         temperature: float = 1.0,
         max_seq_len: int | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        echo: bool = False,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        seed: int | None = None,
         stop: Sequence[str | int] | str | int | None = None,
-        sampling_mask: bool = False,
-        **extra: Any,
+        prompt_cache_key: str | None = None,
+        additional_headers_snapshot: Mapping[str, str] | None = None,
+        **kwargs: Any,
     ) -> list[SampledCompletion]:
         """Sample ``n`` completions of a tokenized prompt.
 
-        ``max_seq_len``: a prompt of that many tokens or more returns ``[]``
-        (counted in ``metrics.dropped_prompt_too_long``); otherwise
-        ``max_tokens`` is clamped to ``max_seq_len - len(prompt)``.
-        ``stop`` mixes strings and token ids (ids go to ``stop_token_ids``).
-        ``sampling_mask=True`` attaches the kept token ids of every sampled
-        token (:attr:`SampledCompletion.sampling_mask`; needs top-k or top-p,
-        see :mod:`rollstream.masks`). Other keyword arguments go into the
-        request body verbatim.
+        ``max_seq_len``: a prompt of that many tokens or more returns ``[]``;
+        otherwise ``max_tokens`` is clamped to ``max_seq_len - len(prompt)``
+        (both counted in :attr:`metrics`). ``stop`` mixes strings and token
+        ids (ids go to ``stop_token_ids``). ``prompt_cache_key`` keeps a
+        session on one replica (the pool's ``session``). Keyword arguments:
+        ``logprobs``, ``top_logprobs``, ``echo`` / ``echo_last`` (prompt
+        logprobs, training-aligned), ``top_p``, ``top_k``, ``min_p``,
+        ``seed`` (per sample :func:`sample_seed`), ``sampling_mask`` (the
+        kept token ids of every sampled token; needs top-k or top-p, see
+        :mod:`rollstream.masks`), the SDK's ``http_timeout``,
+        ``include_routing_matrix``, ``prompt_cache_max_len``,
+        ``sampling_context``, ``timeout_diagnostic_context``; anything else
+        goes into the request body verbatim.
         """
-        prompt = self._check_prompt(prompt_token_ids)
+        prompt = _check_prompt(prompt_token_ids)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
-        if top_logprobs < 0:
-            raise ValueError(f"top_logprobs must be >= 0, got {top_logprobs}")
-        if sampling_mask and (temperature == 0 or ((top_k in (None, 0, -1)) and (top_p in (None, 1.0)))):
-            raise ValueError(
-                "sampling_mask=True needs truncated sampling (temperature > 0 with top_k or top_p): "
-                "without truncation the support is the whole vocabulary and there is no mask to apply"
-            )
+        opts = self._options(
+            max_tokens, temperature, max_seq_len, stop, prompt_cache_key, additional_headers_snapshot, kwargs
+        )
         self._count(requests=1)
-        if max_seq_len is not None:
-            if len(prompt) >= max_seq_len:
-                log.debug("prompt of %d tokens reaches max_seq_len=%d: no request", len(prompt), max_seq_len)
-                self._count(dropped_prompt_too_long=n)
-                return []
-            if max_tokens > max_seq_len - len(prompt):
-                max_tokens = max_seq_len - len(prompt)
-                self._count(max_tokens_clamped=1)
-        stops = [stop] if isinstance(stop, (str, int)) else list(stop or ())
-        stop_strings = [s for s in stops if isinstance(s, str)]
-        stop_ids = [int(s) for s in stops if isinstance(s, int) and not isinstance(s, bool)]
-        if len(stop_strings) + len(stop_ids) != len(stops):
-            raise TypeError(f"stop entries must be str or int, got {stop!r}")
-        params: dict[str, Any] = {
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            # Explicit: server-side generation_config defaults must not leak in.
-            "top_p": 1.0 if top_p is None else top_p,
-            "top_k": 0 if top_k is None else top_k,
-            "min_p": 0.0 if min_p is None else min_p,
-        }
-        if stop_strings:
-            params["stop"] = stop_strings
-        if stop_ids:
-            params["stop_token_ids"] = stop_ids
-        want_logprobs = logprobs or top_logprobs > 0 or echo
-        logical_id = uuid.uuid4().hex[:16]
+        if max_seq_len is not None and len(prompt) >= max_seq_len:
+            log.debug("prompt of %d tokens reaches max_seq_len=%d: no request", len(prompt), max_seq_len)
+            self._count(dropped_prompt_too_long=n)
+            return []
+        opts, clamped = opts.clamped(len(prompt))
+        if clamped:
+            self._count(max_tokens_clamped=1)
+        call_id = uuid.uuid4().hex[:16]
         deadline = time.monotonic() + self.timeouts.request
+        results = await self._fan_out(
+            [self._sample(prompt, opts, f"{call_id}-{i}", i, deadline) for i in range(n)], call_id
+        )
+        return [c for r in results for c in r.completions]
 
-        async def one(i: int) -> SampledCompletion:
-            p = dict(params)
-            if seed is not None:
-                p["seed"] = seed + i
-            body = self._body(prompt, p, want_logprobs, top_logprobs, echo, extra)
-            return await self._sample_one(
-                prompt, body, f"{logical_id}-{i}", deadline, echo, want_logprobs, sampling_mask
+    async def sample_with_prompt_tokens_result(
+        self,
+        prompt_token_ids: Sequence[int] | npt.NDArray[np.integer[Any]],
+        *,
+        max_tokens: int = 1024,
+        temperature: float = 1.0,
+        max_seq_len: int | None = None,
+        stop: Sequence[str | int] | str | int | None = None,
+        prompt_cache_key: str | None = None,
+        additional_headers_snapshot: Mapping[str, str] | None = None,
+        logical_request_id: str | None = None,
+        **kwargs: Any,
+    ) -> SampledRequestResult:
+        """Sample one completion of an exact prompt and return the request's
+        attributable facts: its attempts, their server metrics, its id
+        (``logical_request_id``, sent as ``X-Request-Id``)."""
+        prompt = _check_prompt(prompt_token_ids)
+        if max_seq_len is not None and len(prompt) >= max_seq_len:
+            raise ValueError(
+                f"prompt_token_ids ({len(prompt)} tokens) already exhaust max_seq_len={max_seq_len}"
             )
+        opts = self._options(
+            max_tokens, temperature, max_seq_len, stop, prompt_cache_key, additional_headers_snapshot, kwargs
+        )
+        self._count(requests=1)
+        opts, clamped = opts.clamped(len(prompt))
+        if clamped:
+            self._count(max_tokens_clamped=1)
+        logical_id = logical_request_id or uuid.uuid4().hex
+        result = await self._sample(prompt, opts, logical_id, 0, time.monotonic() + self.timeouts.request)
+        return result
 
-        completions = await self._gather_all([one(i) for i in range(n)], logical_id)
-        kept = []
-        for c in completions:
-            if max_seq_len is not None and len(c.full_tokens) > max_seq_len:
-                self._count(dropped_over_length=1)
+    async def async_completions_stream(
+        self,
+        prompt: Sequence[int],
+        max_tokens: int = 1024,
+        temperature: float = 1.0,
+        hotload_retry_interval: float = 5.0,
+        hotload_max_retries: int = 10,
+        logical_request_id: str | None = None,
+        prompt_cache_key: str | None = None,
+        additional_headers_snapshot: Mapping[str, str] | None = None,
+        r3_ttl_seconds: int | None = None,
+        **kwargs: Any,
+    ) -> tuple[dict[str, Any], ServerMetrics]:
+        """One streaming request (the SDK's low-level call): the assembled
+        response in the SDK's form (``choices[0]`` with ``text``,
+        ``finish_reason``, ``raw_output.completion_token_ids``,
+        ``logprobs.content``) and its :class:`ServerMetrics`. No concurrency
+        slot, no retries except while the server answers 425 (not ready),
+        every ``hotload_retry_interval`` seconds up to ``hotload_max_retries``
+        times. Errors raise like the sampling calls."""
+        ids = _check_prompt(prompt)
+        if r3_ttl_seconds is not None:
+            kwargs["r3_ttl_seconds"] = r3_ttl_seconds
+        opts = self._options(
+            max_tokens,
+            temperature,
+            None,
+            kwargs.pop("stop", None),
+            prompt_cache_key,
+            additional_headers_snapshot,
+            kwargs,
+        )
+        logical_id = logical_request_id or uuid.uuid4().hex
+        params = opts.params(len(ids), 0)
+        body = self._endpoint.body(self.model, ids, params)
+        headers = self._request_headers(logical_id, opts)
+        records: list[SampledServerAttempt] = []
+        deadline = time.monotonic() + self.timeouts.request
+        for retry in range(hotload_max_retries + 1):
+            payload = self._payload(body, opts, logical_id, retry + 1)
+            a = await self._attempt(
+                ids, payload, headers, opts, logical_id, retry + 1, deadline, _NoController()
+            )
+            records.append(a.record())
+            if a.completion is not None and a.result is not None and a.metrics is not None:
+                return response_dict(a.result, a.completion), a.metrics
+            assert a.verdict is not None
+            if a.verdict.status == 425 and retry < hotload_max_retries:
+                log.info("server not ready (HTTP 425), retry %d/%d", retry + 1, hotload_max_retries)
+                await asyncio.sleep(hotload_retry_interval)
                 continue
-            kept.append(c)
-        return kept
+            raise self._terminal(a.verdict, logical_id, records, opts, len(ids), exhausted=False)
+        raise AssertionError("unreachable")
 
     async def sample_batch(
         self,
@@ -455,117 +603,55 @@ class DeploymentSampler:
 
     def sample_with_tokens_sync(self, messages: Sequence[Message], **kwargs: Any) -> list[SampledCompletion]:
         """Blocking :meth:`sample_with_tokens` for scripts (not inside a running loop)."""
-        return _run_sync(self.sample_with_tokens(messages, **kwargs))
+        return _run_sync(self.sample_with_tokens(messages, **kwargs), self._transport)
 
     def sample_with_prompt_tokens_sync(
         self, prompt_token_ids: Sequence[int], **kwargs: Any
     ) -> list[SampledCompletion]:
-        return _run_sync(self.sample_with_prompt_tokens(prompt_token_ids, **kwargs))
+        return _run_sync(self.sample_with_prompt_tokens(prompt_token_ids, **kwargs), self._transport)
 
     def sample_batch_sync(
         self, list_of_messages: Sequence[Sequence[Message]], **kwargs: Any
     ) -> list[list[SampledCompletion]]:
-        return _run_sync(self.sample_batch(list_of_messages, **kwargs))
+        return _run_sync(self.sample_batch(list_of_messages, **kwargs), self._transport)
 
-    async def aclose(self) -> None:
-        if self._control is not None:
-            await self._control.aclose()
-            self._control = None
-        if self._own_transport:
-            await self._transport.aclose()
+    # -- the sampling flow ---------------------------------------------------------------
 
-    def close(self) -> None:
-        if self._own_transport:
-            self._transport.close()
-
-    async def __aenter__(self) -> DeploymentSampler:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    # -- internals ------------------------------------------------------------
-
-    @staticmethod
-    def _check_prompt(ids: Sequence[int] | npt.NDArray[np.integer[Any]]) -> list[int]:
-        if isinstance(ids, np.ndarray):
-            if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-                raise TypeError(f"prompt_token_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
-            out = [int(x) for x in ids]
-        elif isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-            raise TypeError(f"prompt_token_ids must be a sequence of ints, got {type(ids).__name__}")
-        else:
-            out = list(ids)
-            for i, x in enumerate(out):
-                if not isinstance(x, (int, np.integer)) or isinstance(x, bool):
-                    raise TypeError(f"prompt_token_ids[{i}] is {x!r}, not an int")
-            out = [int(x) for x in out]
-        if not out:
-            raise ValueError("prompt_token_ids is empty")
-        if min(out) < 0:
-            raise ValueError(f"prompt_token_ids contains a negative id ({min(out)})")
-        return out
-
-    def _body(
+    def _options(
         self,
-        prompt: list[int],
-        params: dict[str, Any],
-        want_logprobs: bool,
-        top_logprobs: int,
-        echo: bool,
-        extra: Mapping[str, Any],
-    ) -> dict[str, Any]:
-        if self.endpoint == "completions":
-            body: dict[str, Any] = {
-                "model": self.model,
-                "prompt": prompt,
-                "n": 1,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-                "return_token_ids": True,
-                **params,
-            }
-            if want_logprobs:
-                body["logprobs"] = top_logprobs
-                # Candidates as "token_id:N" strings: decoded to ids in Rust.
-                body["return_tokens_as_token_ids"] = True
-            if echo:
-                body["echo"] = True
-        else:
-            sp = dict(params)
-            if want_logprobs:
-                sp["logprobs"] = top_logprobs
-            if echo:
-                sp["prompt_logprobs"] = top_logprobs
-            body = {
-                "model": self.model,
-                "token_ids": prompt,
-                "sampling_params": sp,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-        for k, v in extra.items():
-            if self.endpoint == "generate" and k not in ("request_id", "cache_salt", "priority", "model"):
-                body["sampling_params"][k] = v
-            else:
-                body[k] = v
-        return body
+        max_tokens: int,
+        temperature: float,
+        max_seq_len: int | None,
+        stop: Sequence[str | int] | str | int | None,
+        prompt_cache_key: str | None,
+        headers_snapshot: Mapping[str, str] | None,
+        kwargs: dict[str, Any],
+    ) -> CallOptions:
+        if self._closed:
+            raise TransportClosedError(f"{self!r} is closed")
+        opts = CallOptions.parse(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            max_seq_len=max_seq_len,
+            stop=stop,
+            prompt_cache_key=prompt_cache_key,
+            additional_headers_snapshot=headers_snapshot,
+            request_context=self._request_context,
+            kwargs=kwargs,
+        )
+        if opts.echo_wanted and not self._endpoint.supports_prompt_logprobs:
+            raise ValueError(
+                f"echo=True/echo_last need prompt logprobs, which endpoint={self.endpoint!r} does not stream "
+                "in a form rollstream decodes: use DeploymentSampler(..., endpoint='completions') for echoed "
+                "logprobs"
+            )
+        return opts
 
-    def _request_headers(self, request_id: str) -> list[tuple[str, str]]:
-        headers = [(k, v) for k, v in self._headers.items()]
-        if self._api_key:
-            headers.append(("authorization", f"Bearer {self._api_key}"))
-        headers.append(("x-request-id", request_id))
-        return headers
-
-    @property
-    def _url(self) -> str:
-        path = "/v1/completions" if self.endpoint == "completions" else "/inference/v1/generate"
-        return self.inference_url + path
-
-    async def _gather_all(
-        self, coros: list[Awaitable[SampledCompletion]], logical_id: str
-    ) -> list[SampledCompletion]:
+    async def _fan_out(
+        self, coros: list[Coroutine[Any, Any, SampledRequestResult]], call_id: str
+    ) -> list[SampledRequestResult]:
+        """Run the samples of one call; the first failure cancels the others
+        and is raised naming the whole call (with what had completed)."""
         tasks = [asyncio.ensure_future(c) for c in coros]
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -580,272 +666,317 @@ class DeploymentSampler:
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        completed = [t.result() for t in tasks if t.done() and not t.cancelled() and t.exception() is None]
+        completed = [
+            c
+            for t in tasks
+            if t.done() and not t.cancelled() and t.exception() is None
+            for c in t.result().completions
+        ]
         first = failed[0].exception()
         assert first is not None
         index = tasks.index(failed[0])
         self._count(failures=1)
         msg = (
-            f"sample {index} of request {logical_id} failed ({first}); "
+            f"sample {index} of request {call_id} failed ({first}); "
             f"{len(completed)} of {len(tasks)} samples had completed, the others were cancelled"
         )
-        if isinstance(first, SamplingError):
+        if isinstance(first, SamplingRequestError):
             raise first.with_context(msg, completed=completed) from first
-        raise SamplingError(msg, request_id=f"{logical_id}-{index}", completed=completed) from first
+        raise SamplingError(msg, request_id=f"{call_id}-{index}", completed=completed) from first
 
-    def _mask_flag(self, body: dict[str, Any], key: str) -> dict[str, Any]:
-        """The body with the mask-capture key (a fresh one per attempt, so a
-        retried request never mixes rows of two attempts)."""
-        body = dict(body)
-        if self.endpoint == "completions":
-            body["vllm_xargs"] = {**body.get("vllm_xargs", {}), "rollstream_mask_id": key}
-        else:
-            sp = dict(body["sampling_params"])
-            sp["extra_args"] = {**(sp.get("extra_args") or {}), "rollstream_mask_id": key}
-            body["sampling_params"] = sp
-        return body
+    def _request_headers(self, request_id: str, opts: CallOptions) -> list[tuple[str, str]]:
+        extra = opts.headers_snapshot if opts.headers_snapshot is not None else self.additional_headers
+        headers = [
+            (k, v) for k, v in (extra or {}).items() if k.lower() not in ("authorization", "x-request-id")
+        ]
+        if self._api_key:
+            headers.append(("authorization", f"Bearer {self._api_key}"))
+        headers.append(("x-request-id", request_id))
+        return headers
 
-    async def _take_mask(self, key: str, request_id: str) -> SamplingMask:
-        import base64
+    def _payload(self, body: dict[str, Any], opts: CallOptions, logical_id: str, attempt: int) -> bytes:
+        if opts.sampling_mask:
+            # A fresh capture key per attempt: a retry never mixes rows of two attempts.
+            body = self._endpoint.with_mask_key(body, f"{logical_id}.{attempt}")
+        return encode(body)
 
-        if self._control is None:
-            headers = {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-            self._control = httpx.AsyncClient(base_url=self.inference_url, timeout=60.0, headers=headers)
-        try:
-            r = await self._control.post(
-                "/collective_rpc",
-                json={"method": "rollstream_take_sampling_masks", "kwargs": {"keys": [key]}},
+    async def _sample(
+        self, prompt: list[int], opts: CallOptions, logical_id: str, index: int, deadline: float
+    ) -> SampledRequestResult:
+        """One logical request (one sample): attempts until one succeeds, a
+        failure is final, or the attempts or the deadline run out."""
+        started = time.monotonic()
+        params = opts.params(len(prompt), index)
+        body = self._endpoint.body(self.model, prompt, params)
+        headers = self._request_headers(logical_id, opts)
+        records: list[SampledServerAttempt] = []
+        last: Verdict | None = None
+        for attempt in range(1, self.retry.max_attempts + 1):
+            if time.monotonic() >= deadline:
+                raise self._deadline_error(logical_id, records, opts, last)
+            payload = self._payload(body, opts, logical_id, attempt)
+            try:
+                a = await self._attempt(
+                    prompt, payload, headers, opts, logical_id, attempt, deadline, self._controller
+                )
+            except asyncio.CancelledError as e:
+                records.append(SampledServerAttempt(index=attempt, outcome="cancelled"))
+                e.server_attempts = tuple(records)  # type: ignore[attr-defined]
+                raise
+            records.append(a.record())
+            if a.completion is not None:
+                c = a.completion
+                kept = [c]
+                if opts.max_seq_len is not None and len(c.full_tokens) > opts.max_seq_len:
+                    self._count(dropped_over_length=1)
+                    kept = []
+                return SampledRequestResult(
+                    completions=kept,
+                    server_metrics=a.metrics,
+                    logical_request_id=logical_id,
+                    attempts=attempt,
+                    wall_seconds=time.monotonic() - started,
+                    upstream_response_id=a.result.request_id if a.result is not None else None,
+                    server_attempts=tuple(records),
+                )
+            v = a.verdict
+            assert v is not None
+            last = v
+            if not v.retry or attempt == self.retry.max_attempts:
+                notify = getattr(self._controller, "note_retry_exhausted", None)
+                if callable(notify):
+                    notify(a.feedback)
+                raise self._terminal(v, logical_id, records, opts, len(prompt), exhausted=v.retry)
+            with self._lock:
+                self._counters.retries += 1
+                self._counters.retry_reasons[v.reason] = self._counters.retry_reasons.get(v.reason, 0) + 1
+            delay = min(self.retry.delay(attempt - 1, v.retry_after), max(0.0, deadline - time.monotonic()))
+            log.info(
+                "request %s attempt %d failed (%s); retrying in %.2f s", logical_id, attempt, v.message, delay
             )
-        except httpx.HTTPError as e:
-            raise SamplingError(
-                f"fetching the sampling mask of {request_id} failed: {e!r}", request_id=request_id
-            ) from e
-        if r.status_code >= 300:
-            raise SamplingError(
-                f"the server returned no sampling mask for {request_id} and cannot provide one (HTTP "
-                f"{r.status_code}: {_server_message(r.text)}). On vLLM's V1 runner (e.g. the CPU build) "
-                "start it with --worker-extension-cls rollstream.vllm_ext.RollstreamWorkerExtension and "
-                "VLLM_SERVER_DEV_MODE=1; on GPU, --return-sampling-mask with endpoint='generate'",
-                request_id=request_id,
-            )
-        entry = (r.json().get("results") or [{}])[0].get(key)
-        if entry is None:
-            raise SamplingError(
-                f"the server recorded no sampling mask for {request_id}", request_id=request_id
-            )
-        if entry["untruncated_rows"]:
-            raise SamplingError(
-                f"{entry['untruncated_rows']} tokens of {request_id} were sampled without truncation "
-                "(no top-k/top-p in effect): there is no mask to apply",
-                request_id=request_id,
-            )
-        ids = np.frombuffer(base64.b64decode(entry["token_ids"]), dtype=np.int32)
-        offsets = np.frombuffer(base64.b64decode(entry["offsets"]), dtype=np.int64)
-        self.mask_path = self.mask_path or "plugin"
-        return SamplingMask(ids, offsets)
+            await asyncio.sleep(delay)  # no concurrency slot held while sleeping
+        raise AssertionError("unreachable")
 
-    async def _attach_mask(self, c: SampledCompletion, key: str) -> SampledCompletion:
-        if c.sampling_mask is not None:
-            self.mask_path = self.mask_path or "native"
-            mask = c.sampling_mask
-        else:
-            mask = await self._take_mask(key, c.request_id or key)
-        if mask.rows < c.completion_len:
-            raise SamplingError(
-                f"sampling mask of {c.request_id} has {mask.rows} rows for {c.completion_len} tokens",
-                request_id=c.request_id,
-            )
-        if mask.rows > c.completion_len:
-            # Tokens sampled but not returned (a stop string cut them off).
-            end = c.completion_len
-            mask = SamplingMask(mask.token_ids[: mask.offsets[end]], mask.offsets[: end + 1])
-        if not mask.contains(c.completion_ids).all():
-            raise SamplingError(
-                f"sampling mask of {c.request_id} does not contain its sampled tokens",
-                request_id=c.request_id,
-            )
-        return replace(c, sampling_mask=mask)
-
-    async def _sample_one(
+    async def _attempt(
         self,
         prompt: list[int],
-        body: dict[str, Any],
-        request_id: str,
+        payload: bytes,
+        headers: list[tuple[str, str]],
+        opts: CallOptions,
+        logical_id: str,
+        attempt: int,
         deadline: float,
-        echo: bool,
-        want_lp: bool,
-        want_mask: bool = False,
-    ) -> SampledCompletion:
-        payload = json.dumps(body, separators=(",", ":")).encode()
-        headers = self._request_headers(request_id)
-        controller = self.concurrency_controller
-        last: _Retry | None = None
-        for attempt in range(self.retry.max_attempts):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceededError(
-                    f"request {request_id} exceeded its {self.timeouts.request:.0f} s deadline after "
-                    f"{attempt} attempts" + (f" (last error: {last})" if last else ""),
-                    request_id=request_id,
-                )
-            mask_key = f"{request_id}.{attempt}"
-            if want_mask:
-                payload = json.dumps(self._mask_flag(body, mask_key), separators=(",", ":")).encode()
-            await controller.acquire()
+        controller: Any,
+    ) -> _Attempt:
+        """One try: a concurrency slot, then a route, the stream, the reply
+        checked and mapped, the sampling mask from the same route; the route
+        and the slot are released exactly once, whatever happens."""
+        a = _Attempt(index=attempt)
+        await controller.acquire()
+        try:
+            route = await self._pool.acquire(opts.session)
+            mode_lookup = None
+            if opts.want_logprobs and not self._control.known_logprobs_mode(route.url)[0]:
+                # Once per server: what kind of logprobs it returns, looked up
+                # while it generates (its first answer takes a second or so).
+                mode_lookup = asyncio.ensure_future(self._control.logprobs_mode(route.url))
             try:
+                remaining = max(deadline - time.monotonic(), 1e-3)
+                idle = opts.http_timeout if opts.http_timeout is not None else self.timeouts.idle
                 self._count(attempts=1)
                 outcome = await self._transport.stream(
-                    self._url,
+                    route.url + self._endpoint.path,
                     headers,
                     payload,
-                    idle_timeout=min(self.timeouts.idle, remaining),
+                    idle_timeout=min(idle, remaining),
                     total_timeout=min(self.timeouts.attempt, remaining),
                 )
+                if not outcome.ok and outcome.kind == "cancelled":
+                    raise asyncio.CancelledError()
+                await self._judge(a, prompt, outcome, opts, logical_id, route, mode_lookup)
+                if a.completion is not None and opts.sampling_mask:
+                    await self._attach_mask(a, route, f"{logical_id}.{attempt}")
             finally:
-                controller.release()
-            try:
-                completion = self._finish(prompt, outcome, request_id, echo, want_lp, attempt + 1)
-            except _Retry as r:
-                last = r
-                with self._metrics_lock:
-                    self._metrics.retries += 1
-                    self._metrics.retry_reasons[r.reason] = self._metrics.retry_reasons.get(r.reason, 0) + 1
-                if r.congestion:
-                    controller.record_congestion(attempt)
-                if attempt + 1 >= self.retry.max_attempts:
-                    break
-                delay = min(self.retry.delay(attempt, r.retry_after), max(0.0, deadline - time.monotonic()))
-                log.info(
-                    "request %s attempt %d failed (%s); retrying in %.2f s", request_id, attempt + 1, r, delay
-                )
-                await asyncio.sleep(delay)  # no slot held while sleeping
-                continue
-            if want_mask:
-                completion = await self._attach_mask(completion, mask_key)
-            return completion
-        raise RetriesExhaustedError(
-            f"request {request_id} failed after {self.retry.max_attempts} attempts; last error: {last}",
-            request_id=request_id,
-        )
+                if mode_lookup is not None and not mode_lookup.done():
+                    mode_lookup.cancel()  # the shared lookup itself goes on
+                self._pool.release(route, ok=a.transport_ok)
+        finally:
+            controller.release(a.feedback)
+        if a.metrics is not None:
+            self._record(a.metrics)
+        return a
 
-    def _finish(
+    async def _judge(
         self,
+        a: _Attempt,
         prompt: list[int],
-        outcome: dict[str, Any],
-        request_id: str,
-        echo: bool,
-        want_lp: bool,
-        attempts: int,
-    ) -> SampledCompletion:
-        if not outcome["ok"]:
-            kind = outcome["kind"]
-            if kind == "status":
-                status = int(outcome["status"])
-                message = _server_message(outcome.get("body") or "")
-                if status in RETRYABLE_STATUS:
-                    raise _Retry(
-                        f"http_{status}",
-                        f"HTTP {status}: {message}",
-                        retry_after=_retry_after(outcome.get("retry_after")),
-                        congestion=status in CONGESTION_STATUS,
-                    )
-                raise RequestRejectedError(
-                    f"server rejected request {request_id} with HTTP {status}: {message}",
-                    status=status,
-                    server_message=message,
-                    request_id=request_id,
-                )
-            if kind == "invalid":
-                raise ValueError(outcome["message"])
-            if kind == "cancelled":
-                raise asyncio.CancelledError()
-            raise _Retry(kind, outcome["message"], congestion=kind in ("connect", "transport", "timeout"))
-        result = _result(outcome["result"])
-        if result.error is not None:
-            code = result.error.code or ""
-            if code.isdigit() and 400 <= int(code) < 500 and int(code) not in RETRYABLE_STATUS:
-                raise RequestRejectedError(
-                    f"server error in stream of {request_id}: {result.error.message}",
-                    status=int(code),
-                    server_message=result.error.message,
-                    request_id=request_id,
-                )
-            raise _Retry("stream_error", f"server error in stream: {result.error.message}")
-        if len(result.choices) != 1:
-            raise _Retry("protocol", f"expected 1 choice, got {len(result.choices)}")
-        choice = result.choices[0]
-        if choice.finish_reason == "abort":
-            self._count(aborted_retried=1)
-            raise _Retry("abort", f"generation aborted by the server after {len(choice.token_ids)} tokens")
-        if choice.finish_reason is None:
-            raise _Retry("protocol", "stream ended without a finish_reason")
-        if choice.prompt_token_ids is not None and choice.prompt_token_ids.tolist() != prompt:
-            raise SamplingError(
-                f"the server's prompt for {request_id} differs from the one sent "
-                f"({len(choice.prompt_token_ids)} vs {len(prompt)} tokens)",
-                request_id=request_id,
+        outcome: Any,
+        opts: CallOptions,
+        logical_id: str,
+        route: Route,
+        mode_lookup: asyncio.Future[str | None] | None,
+    ) -> None:
+        """Fill ``a`` from the transport's outcome: a completion, or a verdict."""
+        v: Verdict | None
+        if not outcome.ok:
+            v = classify_failure(outcome)
+            a.verdict = v
+            a.transport_ok = not v.transport_error
+            a.metrics = failure_metrics(
+                outcome,
+                transport_error=v.transport_error,
+                error=v.message[:200],
+                attempt=a.index,
+                route_url=route.url,
             )
-        self._feedback(result, outcome, len(prompt))
-        return self._completion(prompt, choice, result, request_id, echo, want_lp, attempts)
-
-    def _feedback(self, result: StreamResult, outcome: dict[str, Any], prompt_len: int) -> None:
-        q_ms = result.metrics.get("queue_time_ms")
-        queue_s = q_ms / 1000.0 if q_ms is not None else None
-        ttft = outcome.get("first_token_s") or None
-        cached = result.usage.cached_tokens if result.usage is not None else None
-        self.concurrency_controller.record_success(
-            queue_time_s=queue_s, first_token_s=ttft, prompt_tokens=prompt_len, cached_tokens=cached
-        )
-        self._count(queue_time_s=queue_s or 0.0)
-
-    def _completion(
-        self,
-        prompt: list[int],
-        choice: StreamChoice,
-        result: StreamResult,
-        request_id: str,
-        echo: bool,
-        want_lp: bool,
-        attempts: int,
-    ) -> SampledCompletion:
-        ids = choice.token_ids
-        lps = choice.logprobs
-        if want_lp and (lps is None or len(lps) != len(ids)):
-            got = None if lps is None else len(lps)
-            raise _Retry("protocol", f"{got} logprobs for {len(ids)} tokens")
-        inference: list[float] | None = None
-        echoed = 0
-        if want_lp and lps is not None:
-            if echo:
-                plp = choice.prompt_logprobs
-                if plp is None or len(plp) != len(prompt):
-                    raise _Retry("protocol", f"echo gave {None if plp is None else len(plp)} prompt logprobs")
-                # Training-aligned: entry j is log p(full[j+1] | full[:j+1]).
-                inference = np.concatenate([plp[1:], lps]).tolist()
-                echoed = len(prompt) - 1
-            else:
-                inference = lps.tolist()
-        versions = choice.weight_versions
-        names = {v.version for v in versions}
-        weight_version = None if not names else (next(iter(names)) if len(names) == 1 else "mixed")
-        self._count(samples=1, completion_tokens=len(ids), prompt_tokens=len(prompt))
-        return SampledCompletion(
-            text=choice.text,
-            full_tokens=prompt + ids.tolist(),
+            # The controller reacts to overload and to failures below HTTP,
+            # not to replies that were wrong (as the SDK does).
+            if v.transport_error or (v.retry and v.status is not None):
+                a.feedback = a.metrics
+            return
+        result = _result(outcome.result)
+        a.result = result
+        a.response_request_id = outcome.request_id
+        tokens = sum(len(c) for c in result.choices)
+        metrics = success_metrics(
+            outcome,
+            result,
             prompt_len=len(prompt),
-            finish_reason=choice.finish_reason or "unknown",
-            completion_len=len(ids),
-            inference_logprobs=inference,
-            logprobs_echoed=echo and inference is not None,
-            echoed_prompt_logprob_count=echoed,
-            top_logprobs=choice.top_logprobs,
-            routing_matrices=choice.routed_experts,
-            sampling_mask=choice.sampling_mask,
-            weight_version=weight_version,
-            weight_versions=versions,
-            request_id=request_id,
-            stop_reason=choice.stop_reason,
-            completion_ids=ids,
-            completion_logprobs=lps,
-            attempts=attempts,
+            completion_len=tokens,
+            attempt=a.index,
+            route_url=route.url,
+        )
+        a.metrics = a.feedback = metrics
+        v = None
+        if result.error is not None:
+            v = classify_stream_error(result.error)
+            a.metrics = a.feedback = replace(
+                metrics, http_status_code=v.status or outcome.status, error=v.message[:200]
+            )
+        elif len(result.choices) != 1:
+            v = protocol_error(f"expected 1 choice in the stream, got {len(result.choices)}")
+        elif result.choices[0].finish_reason == "abort":
+            self._count(aborted_retried=1)
+            v = aborted(len(result.choices[0]))
+        elif result.choices[0].finish_reason is None:
+            v = protocol_error("the stream ended with [DONE] but without a finish_reason")
+        if v is not None:
+            a.verdict = v
+            if a.metrics.error is None:
+                a.metrics = replace(a.metrics, error=v.message[:200])
+            return
+        mode = None
+        if opts.want_logprobs:
+            if mode_lookup is not None:
+                mode = await mode_lookup
+            else:
+                known, mode = self._control.known_logprobs_mode(route.url)
+                if not known:  # looked up by another attempt since this one started
+                    mode = await self._control.logprobs_mode(route.url)
+            self._warn_logprobs_mode(route.url, mode)
+        try:
+            a.completion = completion(
+                prompt,
+                result.choices[0],
+                wanted=Wanted(
+                    logprobs=opts.want_logprobs,
+                    top_logprobs=opts.top_logprobs,
+                    echo_count=opts.echo_count(len(prompt)),
+                    include_routing_matrix=opts.include_routing_matrix,
+                    full_distribution=opts.full_distribution,
+                ),
+                request_id=logical_id,
+                attempts=a.index,
+                logprobs_mode=mode,
+            )
+        except ReplyMismatch as e:
+            a.verdict = protocol_error(str(e), e.excerpt)
+            a.metrics = replace(metrics, error=str(e)[:200])
+            return
+        self._count(
+            samples=1,
+            completion_tokens=a.completion.completion_len,
+            prompt_tokens=len(prompt),
+            queue_time_s=metrics.prefill_queue_duration or 0.0,
+        )
+
+    def _warn_logprobs_mode(self, url: str, mode: str | None) -> None:
+        if mode is None or mode == PROCESSED or url in self._warned_modes:
+            return
+        self._warned_modes.add(url)
+        warnings.warn(
+            f"the server at {url} runs --logprobs-mode {mode}: its logprobs are not those of the "
+            "distribution sampled from once temperature, top-k or top-p apply (sampling_logprobs are "
+            "None then); start it with --logprobs-mode processed_logprobs",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    async def _attach_mask(self, a: _Attempt, route: Route, key: str) -> None:
+        """The completion's sampling mask: vLLM's own, else the worker
+        extension's from the route that served the attempt."""
+        c = a.completion
+        assert c is not None
+        try:
+            if c.sampling_mask is not None:
+                self.mask_path = self.mask_path or "native"
+                mask = c.sampling_mask
+            else:
+                mask = await self._control.take_mask(route.url, key, c.request_id or key)
+                self.mask_path = self.mask_path or "plugin"
+            a.completion = replace(c, sampling_mask=fit_mask(mask, c))
+        except SamplingMaskError as e:
+            a.transport_ok = a.transport_ok and not isinstance(e, MaskFetchFailed)
+            a.completion = None
+            a.verdict = Verdict(False, "sampling_mask", "sampling_mask", str(e), excerpt=e.excerpt)
+            if a.metrics is not None:
+                a.metrics = replace(a.metrics, error="sampling_mask")
+
+    # -- errors ----------------------------------------------------------------------------
+
+    def _terminal(
+        self,
+        v: Verdict,
+        logical_id: str,
+        records: list[SampledServerAttempt],
+        opts: CallOptions,
+        prompt_len: int,
+        *,
+        exhausted: bool,
+    ) -> SamplingRequestError:
+        diagnostic = self._timeout_diagnostic(opts, prompt_len) if v.timeout_like else ""
+        return terminal_error(
+            v,
+            logical_id=logical_id,
+            model=self.model,
+            records=records,
+            context=opts.context,
+            exhausted=exhausted,
+            diagnostic=diagnostic,
+        )
+
+    def _deadline_error(
+        self, logical_id: str, records: list[SampledServerAttempt], opts: CallOptions, last: Verdict | None
+    ) -> DeadlineExceededError:
+        return deadline_error(
+            self.timeouts.request,
+            logical_id=logical_id,
+            model=self.model,
+            records=records,
+            context=opts.context,
+            last=last,
+        )
+
+    def _timeout_diagnostic(self, opts: CallOptions, prompt_len: int) -> str:
+        oldest = time.monotonic() - DIAGNOSTIC_MAX_AGE_S
+        with self._lock:
+            recent = [m for t, m in self._diagnostic if t >= oldest]
+        return timeout_diagnostic(
+            model=self.model,
+            prompt_tokens=prompt_len,
+            max_tokens=opts.max_tokens,
+            http_timeout=opts.http_timeout if opts.http_timeout is not None else self.timeouts.idle,
+            window=getattr(self._controller, "window_size", None),
+            context=opts.diagnostic_context,
+            recent=recent,
         )

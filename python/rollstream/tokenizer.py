@@ -61,6 +61,13 @@ def _template_from_config(config: Mapping[str, Any], name: str = "default") -> s
     return None
 
 
+def _is_batch(conversation: Any) -> bool:
+    """A list of conversations rather than one (as transformers tells them apart)."""
+    if isinstance(conversation, (str, bytes, Mapping)) or not isinstance(conversation, Sequence):
+        return False
+    return len(conversation) > 0 and isinstance(conversation[0], (list, tuple))
+
+
 class ChatTokenizer:
     """A tokenizer plus its chat template, backed by the Rust core.
 
@@ -277,18 +284,83 @@ class ChatTokenizer:
 
     def apply_chat_template(
         self,
-        messages: Sequence[Message],
-        add_generation_prompt: bool = True,
+        conversation: Sequence[Message] | Sequence[Sequence[Message]] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         documents: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        tokenize: bool = True,
+        padding: bool = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        return_dict: bool = False,
+        return_assistant_tokens_mask: bool = False,
+        tokenizer_kwargs: Mapping[str, Any] | None = None,
         **template_kwargs: Any,
-    ) -> list[int]:
-        """Token ids of the rendered conversation (transformers'
-        ``apply_chat_template(..., tokenize=True)``)."""
-        return self._core.apply(
+    ) -> Any:
+        """transformers' ``apply_chat_template``, keyword for keyword.
+
+        ``tokenize=True`` (default): the token ids; with ``return_dict=True``
+        a dict of ``input_ids`` and ``attention_mask``. ``tokenize=False``:
+        the rendered text (``return_dict`` has no effect, as in transformers).
+        ``add_generation_prompt``, ``continue_final_message``, ``tools`` and
+        ``documents`` mean what they mean there; a list of conversations
+        gives a list of results (``messages=`` is accepted for
+        ``conversation``). Other keyword arguments are template variables.
+        Unlike transformers, ``add_generation_prompt`` defaults to True
+        (prompts here are for sampling); ``return_dict`` defaults to False
+        as in transformers 4 (transformers 5 changed it to True). Padding, truncation, tensors,
+        assistant masks and a per-call ``chat_template`` are not supported
+        and raise ``TypeError`` rather than being passed to the template.
+        """
+        unsupported = {
+            "chat_template": chat_template is not None,
+            "padding": bool(padding),
+            "truncation": bool(truncation),
+            "max_length": max_length is not None,
+            "return_tensors": return_tensors is not None,
+            "return_assistant_tokens_mask": bool(return_assistant_tokens_mask),
+            "tokenizer_kwargs": bool(tokenizer_kwargs),
+        }
+        if "messages" in template_kwargs:
+            if conversation is not None:
+                raise TypeError("pass the conversation once: positionally or as messages=, not both")
+            conversation = template_kwargs.pop("messages")
+        if conversation is None:
+            raise TypeError("apply_chat_template() needs the conversation")
+        bad = [name for name, given in unsupported.items() if given]
+        if bad:
+            raise TypeError(
+                f"ChatTokenizer.apply_chat_template does not support {', '.join(bad)}: pass "
+                "chat_template= when building the ChatTokenizer, and pad/truncate/convert the ids yourself"
+            )
+        if _is_batch(conversation):
+            return [
+                self.apply_chat_template(
+                    conv,
+                    tools=tools,
+                    documents=documents,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    tokenize=tokenize,
+                    return_dict=return_dict,
+                    **template_kwargs,
+                )
+                for conv in cast("Sequence[Sequence[Message]]", conversation)
+            ]
+        messages = cast("Sequence[Message]", conversation)
+        if not tokenize:
+            return self.render_chat_template(
+                messages, add_generation_prompt, tools, documents, continue_final_message, **template_kwargs
+            )
+        ids = self._core.apply(
             messages, tools, documents, add_generation_prompt, continue_final_message, template_kwargs
         )
+        if return_dict:
+            return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+        return ids
 
     def render_chat_template(
         self,

@@ -6,7 +6,8 @@
 //! which is what makes client CPU per streamed token small. Retries,
 //! deadlines across attempts and concurrency control belong to the caller;
 //! this layer performs exactly one attempt and reports precisely how it
-//! ended.
+//! ended: the completion callback runs exactly once per request, also when
+//! the client shuts down with the request in flight ([`HttpError::Closed`]).
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -100,6 +101,9 @@ pub enum HttpError {
     Decode { error: DecodeError, tokens: usize },
     /// The caller cancelled the request.
     Cancelled,
+    /// The client was shut down while the request was in flight (or before
+    /// it was submitted): nothing more will arrive.
+    Closed,
 }
 
 impl fmt::Display for HttpError {
@@ -116,6 +120,7 @@ impl fmt::Display for HttpError {
             HttpError::Status { status, body, .. } => write!(f, "HTTP {status}: {body}"),
             HttpError::Decode { error, tokens } => write!(f, "{error} ({tokens} tokens decoded)"),
             HttpError::Cancelled => f.write_str("cancelled"),
+            HttpError::Closed => f.write_str("the streaming client was closed with the request in flight"),
         }
     }
 }
@@ -161,6 +166,41 @@ impl fmt::Debug for StreamClient {
 
 type Done = Box<dyn FnOnce(Result<StreamOutcome, HttpError>) + Send + 'static>;
 
+/// Owns a request's completion callback and its in-flight count.
+///
+/// Invariant: the callback runs exactly once. [`Completion::finish`] runs it
+/// with the attempt's result; if the task is dropped first (the runtime
+/// shutting down drops every pending task), `Drop` runs it with
+/// [`HttpError::Closed`], so no caller waits forever.
+struct Completion {
+    done: Option<Done>,
+    in_flight: Arc<AtomicU64>,
+}
+
+impl Completion {
+    fn new(done: Done, in_flight: Arc<AtomicU64>) -> Self {
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        Completion { done: Some(done), in_flight }
+    }
+
+    fn finish(mut self, result: Result<StreamOutcome, HttpError>) {
+        self.deliver(result);
+    }
+
+    fn deliver(&mut self, result: Result<StreamOutcome, HttpError>) {
+        if let Some(done) = self.done.take() {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            done(result);
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        self.deliver(Err(HttpError::Closed));
+    }
+}
+
 impl StreamClient {
     pub fn new(config: ClientConfig) -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -185,16 +225,17 @@ impl StreamClient {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Start one attempt. `done` runs exactly once, on a runtime thread.
+    /// Start one attempt. `done` runs exactly once: on a runtime thread when
+    /// the attempt ends, with [`HttpError::Closed`] when the client shuts down
+    /// first (on the thread that drops the task).
     pub fn submit(&self, req: StreamRequest, done: Done) -> Arc<Progress> {
         let progress = Arc::new(Progress::default());
         let task_progress = progress.clone();
         let client = self.client.clone();
-        let in_flight = self.in_flight.clone();
         let max_event_bytes = self.max_event_bytes;
-        in_flight.fetch_add(1, Ordering::Relaxed);
+        let completion = Completion::new(done, self.in_flight.clone());
         let Some(runtime) = &self.runtime else {
-            done(Err(HttpError::Cancelled));
+            completion.finish(Err(HttpError::Closed));
             return progress;
         };
         runtime.spawn(async move {
@@ -212,8 +253,7 @@ impl StreamClient {
                     }),
                 },
             };
-            in_flight.fetch_sub(1, Ordering::Relaxed);
-            done(result);
+            completion.finish(result);
         });
         progress
     }
@@ -465,6 +505,33 @@ mod tests {
         let r = call(&client, request(format!("http://127.0.0.1:{port}/x")));
         assert!(matches!(r, Err(HttpError::Connect(_))), "{r:?}");
         assert!(matches!(call(&client, request("https://x/".into())), Err(HttpError::Invalid(_))));
+    }
+
+    #[test]
+    fn shutdown_fails_requests_in_flight_with_closed() {
+        let client = StreamClient::new(ClientConfig::default()).unwrap();
+        // Head and one event, then silence: the request stays in flight.
+        let parts = vec![chunked(&[r#"{"choices":[{"index":0,"token_ids":[1]}]}"#]).concat(), Vec::new()];
+        let url = serve(&client, parts, Duration::from_secs(30));
+        let (tx, rx) = mpsc::channel();
+        client.submit(request(url), Box::new(move |r| tx.send(r).unwrap()));
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(client.in_flight(), 1);
+        drop(client);
+        let r = rx.recv_timeout(Duration::from_secs(10)).expect("the callback must run on shutdown");
+        assert!(matches!(r, Err(HttpError::Closed)), "{r:?}");
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "exactly once");
+    }
+
+    #[test]
+    fn submit_after_shutdown_reports_closed() {
+        let mut client = StreamClient::new(ClientConfig::default()).unwrap();
+        if let Some(rt) = client.runtime.take() {
+            rt.shutdown_background();
+        }
+        let r = call(&client, request("http://127.0.0.1:9/x".into()));
+        assert!(matches!(r, Err(HttpError::Closed)), "{r:?}");
+        assert_eq!(client.in_flight(), 0);
     }
 
     #[test]

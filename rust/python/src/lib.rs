@@ -23,6 +23,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tokenize::PyChatTokenizer>()?;
     m.add_class::<sampling::PyStreamClient>()?;
     m.add_class::<sampling::PyRequestHandle>()?;
+    m.add_class::<sampling::PyStreamOk>()?;
+    m.add_class::<sampling::PyStreamFailure>()?;
     m.add_class::<sampling::PyAimd>()?;
     m.add_class::<router::PyRouter>()?;
     m.add_function(wrap_pyfunction!(sampling::shutdown_callbacks, m)?)?;

@@ -1,6 +1,7 @@
 //! Bindings of the streaming HTTP client and the AIMD state machine.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,44 +19,156 @@ fn duration(name: &str, secs: f64) -> PyResult<Duration> {
     rollstream_core::timeouts::timeout_from_secs(name, secs).map_err(PyValueError::new_err)
 }
 
-fn outcome_to_py<'py>(py: Python<'py>, o: StreamOutcome) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("ok", true)?;
-    d.set_item("status", o.status)?;
-    d.set_item("result", output_to_py(py, o.output)?)?;
-    d.set_item("head_s", o.timings.head)?;
-    d.set_item("first_byte_s", o.timings.first_byte)?;
-    d.set_item("first_token_s", o.timings.first_token)?;
-    d.set_item("total_s", o.timings.total)?;
-    d.set_item("request_id", o.request_id)?;
-    Ok(d)
+/// A completed attempt: a 2xx response whose stream decoded to `[DONE]`.
+/// `result` is the decoded stream in the form `rollstream.streams` wraps.
+#[pyclass(module = "rollstream._core", name = "StreamOk", frozen, get_all)]
+pub struct PyStreamOk {
+    status: u16,
+    result: Py<PyAny>,
+    head_s: f64,
+    first_byte_s: f64,
+    first_token_s: f64,
+    total_s: f64,
+    request_id: Option<String>,
 }
 
-fn error_to_py<'py>(py: Python<'py>, e: HttpError) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("ok", false)?;
-    d.set_item("message", e.to_string())?;
-    let (kind, tokens) = match &e {
-        HttpError::Invalid(_) => ("invalid", 0),
-        HttpError::Connect(_) => ("connect", 0),
-        HttpError::Timeout { tokens, .. } => ("timeout", *tokens),
-        HttpError::Transport { tokens, .. } => ("transport", *tokens),
+#[pymethods]
+impl PyStreamOk {
+    #[new]
+    #[pyo3(signature = (status, result, head_s, first_byte_s, first_token_s, total_s, request_id=None))]
+    fn new(
+        status: u16,
+        result: Py<PyAny>,
+        head_s: f64,
+        first_byte_s: f64,
+        first_token_s: f64,
+        total_s: f64,
+        request_id: Option<String>,
+    ) -> Self {
+        PyStreamOk { status, result, head_s, first_byte_s, first_token_s, total_s, request_id }
+    }
+
+    #[getter]
+    fn ok(&self) -> bool {
+        true
+    }
+
+    fn __repr__(&self) -> String {
+        format!("StreamOk(status={}, total_s={:.3}, request_id={:?})", self.status, self.total_s, self.request_id)
+    }
+}
+
+/// How an attempt failed. `kind` is one of `invalid`, `connect`, `timeout`,
+/// `transport`, `status` (with `status`, `body`, `retry_after`), `decode`
+/// (with `truncated`, `offset`, `excerpt`), `cancelled` or `closed`.
+#[pyclass(module = "rollstream._core", name = "StreamFailure", frozen, get_all)]
+pub struct PyStreamFailure {
+    kind: String,
+    message: String,
+    tokens: usize,
+    status: Option<u16>,
+    body: Option<String>,
+    retry_after: Option<String>,
+    truncated: bool,
+    offset: Option<u64>,
+    excerpt: Option<String>,
+}
+
+#[pymethods]
+impl PyStreamFailure {
+    #[new]
+    #[pyo3(signature = (
+        kind, message, tokens=0, *, status=None, body=None, retry_after=None, truncated=false, offset=None,
+        excerpt=None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        kind: String,
+        message: String,
+        tokens: usize,
+        status: Option<u16>,
+        body: Option<String>,
+        retry_after: Option<String>,
+        truncated: bool,
+        offset: Option<u64>,
+        excerpt: Option<String>,
+    ) -> PyResult<Self> {
+        const KINDS: [&str; 8] =
+            ["invalid", "connect", "timeout", "transport", "status", "decode", "cancelled", "closed"];
+        if !KINDS.contains(&kind.as_str()) {
+            return Err(PyValueError::new_err(format!("StreamFailure kind={kind:?} is not one of {KINDS:?}")));
+        }
+        Ok(PyStreamFailure { kind, message, tokens, status, body, retry_after, truncated, offset, excerpt })
+    }
+
+    #[getter]
+    fn ok(&self) -> bool {
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        format!("StreamFailure(kind={:?}, message={:?})", self.kind, self.message)
+    }
+}
+
+fn failure(kind: &str, message: String) -> PyStreamFailure {
+    PyStreamFailure {
+        kind: kind.to_string(),
+        message,
+        tokens: 0,
+        status: None,
+        body: None,
+        retry_after: None,
+        truncated: false,
+        offset: None,
+        excerpt: None,
+    }
+}
+
+fn outcome_to_py(py: Python<'_>, o: StreamOutcome) -> PyResult<Py<PyAny>> {
+    let ok = PyStreamOk {
+        status: o.status,
+        result: output_to_py(py, o.output)?.into_any().unbind(),
+        head_s: o.timings.head,
+        first_byte_s: o.timings.first_byte,
+        first_token_s: o.timings.first_token,
+        total_s: o.timings.total,
+        request_id: o.request_id,
+    };
+    Ok(Py::new(py, ok)?.into_any())
+}
+
+fn error_to_py(py: Python<'_>, e: HttpError) -> PyResult<Py<PyAny>> {
+    let mut f = failure("", e.to_string());
+    f.kind = match e {
+        HttpError::Invalid(_) => "invalid",
+        HttpError::Connect(_) => "connect",
+        HttpError::Timeout { tokens, .. } => {
+            f.tokens = tokens;
+            "timeout"
+        }
+        HttpError::Transport { tokens, .. } => {
+            f.tokens = tokens;
+            "transport"
+        }
         HttpError::Status { status, body, retry_after } => {
-            d.set_item("status", *status)?;
-            d.set_item("body", body)?;
-            d.set_item("retry_after", retry_after)?;
-            ("status", 0)
+            f.status = Some(status);
+            f.body = Some(body);
+            f.retry_after = retry_after;
+            "status"
         }
         HttpError::Decode { error, tokens } => {
-            d.set_item("truncated", error.kind == DecodeErrorKind::Truncated)?;
-            d.set_item("offset", error.offset)?;
-            ("decode", *tokens)
+            f.tokens = tokens;
+            f.truncated = error.kind == DecodeErrorKind::Truncated;
+            f.offset = Some(error.offset);
+            f.excerpt = Some(error.excerpt);
+            "decode"
         }
-        HttpError::Cancelled => ("cancelled", 0),
-    };
-    d.set_item("kind", kind)?;
-    d.set_item("tokens", tokens)?;
-    Ok(d)
+        HttpError::Cancelled => "cancelled",
+        HttpError::Closed => "closed",
+    }
+    .to_string();
+    Ok(Py::new(py, f)?.into_any())
 }
 
 /// Handle of one in-flight request.
@@ -103,16 +216,25 @@ pub fn shutdown_callbacks(py: Python<'_>) {
     drain_callbacks(py, Duration::from_secs(10));
 }
 
+/// Callbacks of the requests in flight, by request number.
+type Pending = Arc<Mutex<HashMap<u64, Py<PyAny>>>>;
+
 /// Streaming HTTP/1.1 client running on its own Rust threads.
 ///
-/// Invariant: no runtime thread is inside Python once `close()` (or
-/// `shutdown_callbacks()`) returned. Callbacks count themselves in
-/// `ACTIVE_CALLBACKS` before checking the closed flags, and the closers set
-/// their flag first, then wait for the count to drain.
+/// Invariants:
+/// - no runtime thread is inside Python once `close()` (or
+///   `shutdown_callbacks()`) returned. Callbacks count themselves in
+///   `ACTIVE_CALLBACKS` before checking the closed flags, and the closers set
+///   their flag first, then wait for the count to drain;
+/// - every submitted callback is called exactly once: it lives in `pending`
+///   until whoever removes it (the request's completion, or `close()` for the
+///   requests still in flight, with a `closed` failure) calls it.
 #[pyclass(module = "rollstream._core", name = "StreamClient", frozen)]
 pub struct PyStreamClient {
     inner: Mutex<Option<Arc<StreamClient>>>,
     closed: Arc<AtomicBool>,
+    pending: Pending,
+    next_id: AtomicU64,
 }
 
 impl Drop for PyStreamClient {
@@ -141,11 +263,17 @@ impl PyStreamClient {
             ..ClientConfig::default()
         };
         let client = StreamClient::new(cfg).map_err(|e| PyRuntimeError::new_err(format!("cannot start: {e}")))?;
-        Ok(PyStreamClient { inner: Mutex::new(Some(Arc::new(client))), closed: Arc::new(AtomicBool::new(false)) })
+        Ok(PyStreamClient {
+            inner: Mutex::new(Some(Arc::new(client))),
+            closed: Arc::new(AtomicBool::new(false)),
+            pending: Arc::new(Mutex::new(HashMap::new())),
+            next_id: AtomicU64::new(0),
+        })
     }
 
-    /// Start a streaming POST; `callback(dict)` runs once, on a Rust thread,
-    /// when it ends (see rollstream._http for the dict's keys).
+    /// Start a streaming POST; `callback(StreamOk | StreamFailure)` runs
+    /// exactly once: on a Rust thread when the attempt ends, or on the
+    /// closing thread (a `closed` failure) when `close()` comes first.
     #[pyo3(signature = (url, headers, body, idle_timeout, total_timeout, callback))]
     fn submit(
         &self,
@@ -169,27 +297,34 @@ impl PyStreamClient {
             .map_err(|_| PyRuntimeError::new_err("client lock poisoned"))?
             .clone()
             .ok_or_else(|| PyRuntimeError::new_err("StreamClient is closed"))?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.pending.lock().map_err(|_| PyRuntimeError::new_err("client lock poisoned"))?.insert(id, callback);
         let closed = self.closed.clone();
+        let pending = self.pending.clone();
         let progress = client.submit(
             req,
             Box::new(move |result| {
                 ACTIVE_CALLBACKS.fetch_add(1, Ordering::SeqCst);
                 if closed.load(Ordering::SeqCst) || SHUTDOWN.load(Ordering::SeqCst) {
+                    // close() fails this request's callback itself (at exit
+                    // nobody is waiting any more).
                     ACTIVE_CALLBACKS.fetch_sub(1, Ordering::SeqCst);
-                    // `callback` is released without the GIL (pyo3 defers it).
                     return;
                 }
-                Python::attach(|py| {
-                    let arg = match result {
-                        Ok(o) => outcome_to_py(py, o),
-                        Err(e) => error_to_py(py, e),
-                    };
-                    let call = arg.and_then(|a| callback.call1(py, (a,)));
-                    if let Err(err) = call {
-                        err.write_unraisable(py, Some(callback.bind(py)));
-                    }
-                    drop(callback);
-                });
+                let callback = pending.lock().ok().and_then(|mut p| p.remove(&id));
+                if let Some(callback) = callback {
+                    Python::attach(|py| {
+                        let arg = match result {
+                            Ok(o) => outcome_to_py(py, o),
+                            Err(e) => error_to_py(py, e),
+                        };
+                        let call = arg.and_then(|a| callback.call1(py, (a,)));
+                        if let Err(err) = call {
+                            err.write_unraisable(py, Some(callback.bind(py)));
+                        }
+                        drop(callback);
+                    });
+                }
                 ACTIVE_CALLBACKS.fetch_sub(1, Ordering::SeqCst);
             }),
         );
@@ -201,12 +336,21 @@ impl PyStreamClient {
         self.inner.lock().ok().and_then(|g| g.as_ref().map(|c| c.in_flight())).unwrap_or(0)
     }
 
-    /// Stop the client's threads: in-flight requests are dropped and no
-    /// callback runs after this returns.
+    /// Stop the client's threads. Requests still in flight are abandoned
+    /// (their connections dropped) and their callbacks called here, with a
+    /// `closed` failure; no callback runs on a Rust thread after this returns.
     fn close(&self, py: Python<'_>) {
         self.closed.store(true, Ordering::SeqCst);
         let client = self.inner.lock().ok().and_then(|mut g| g.take());
         drain_callbacks(py, Duration::from_secs(10));
+        let orphans: Vec<Py<PyAny>> =
+            self.pending.lock().map(|mut p| p.drain().map(|(_, cb)| cb).collect()).unwrap_or_default();
+        for callback in orphans {
+            let call = error_to_py(py, HttpError::Closed).and_then(|a| callback.call1(py, (a,)));
+            if let Err(err) = call {
+                err.write_unraisable(py, Some(callback.bind(py)));
+            }
+        }
         py.detach(move || drop(client));
     }
 }
@@ -222,22 +366,48 @@ impl PyAimd {
         let mut g = self.inner.lock().map_err(|_| PyRuntimeError::new_err("AIMD lock poisoned"))?;
         Ok(f(&mut g))
     }
+
+    fn observe(&self, signal: Signal, now: f64) -> PyResult<usize> {
+        self.with(|a| {
+            a.observe(signal, now);
+            a.window()
+        })
+    }
 }
 
 #[pymethods]
 impl PyAimd {
     #[new]
-    #[pyo3(signature = (initial_window, min_window, max_window, target, interval=32, cooldown=1.0))]
+    #[pyo3(signature = (
+        initial_window, min_window, max_window, target, *, additive_increase=1.0, decrease=0.5, alpha=0.3,
+        interval=32, cooldown=1.0
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         initial_window: f64,
         min_window: f64,
         max_window: f64,
         target: f64,
+        additive_increase: f64,
+        decrease: f64,
+        alpha: f64,
         interval: u32,
         cooldown: f64,
     ) -> PyResult<Self> {
-        let cfg =
-            AimdConfig { initial_window, min_window, max_window, target, interval, cooldown, ..Default::default() };
+        let cfg = AimdConfig {
+            initial_window,
+            min_window,
+            max_window,
+            target,
+            interval,
+            alpha,
+            additive_increase,
+            decrease,
+            // A request failing again and again shrinks twice as hard.
+            severe_decrease: decrease * decrease,
+            cooldown,
+            ..Default::default()
+        };
         let a = Aimd::new(cfg).map_err(PyValueError::new_err)?;
         Ok(PyAimd { inner: Mutex::new(a) })
     }
@@ -247,33 +417,33 @@ impl PyAimd {
         self.with(|a| a.window())
     }
 
+    #[getter]
+    fn ema(&self) -> PyResult<Option<f64>> {
+        self.with(|a| a.ema())
+    }
+
     /// Queue time (seconds) reported by the server; returns the new window.
     fn queue_time(&self, seconds: f64, now: f64) -> PyResult<usize> {
-        self.with(|a| {
-            a.observe(Signal::QueueTime(seconds), now);
-            a.window()
-        })
+        self.observe(Signal::QueueTime(seconds), now)
     }
 
-    fn first_token(&self, seconds: f64, now: f64) -> PyResult<usize> {
-        self.with(|a| {
-            a.observe(Signal::FirstToken(seconds), now);
-            a.window()
-        })
+    /// Client-measured time to first token of a request that prefilled
+    /// `prefill_tokens` tokens; returns the new window.
+    fn first_token(&self, seconds: f64, prefill_tokens: u64, now: f64) -> PyResult<usize> {
+        self.observe(Signal::FirstToken { seconds, prefill_tokens }, now)
     }
 
+    /// A 429/503/transport failure on the (1-based) `retry_attempt`-th try.
     fn congestion(&self, retry_attempt: u32, now: f64) -> PyResult<usize> {
-        self.with(|a| {
-            a.observe(Signal::Congestion { retry_attempt }, now);
-            a.window()
-        })
+        self.observe(Signal::Congestion { retry_attempt }, now)
     }
 
     fn step<'py>(&self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyDict>> {
         let s = self.with(|a| a.step(now))?;
         let d = PyDict::new(py);
-        d.set_item("window", s.window)?;
         d.set_item("window_before", s.window_before)?;
+        d.set_item("window", s.window)?;
+        d.set_item("adjusted", s.adjusted)?;
         d.set_item("avg_pq", s.avg_queue)?;
         d.set_item("ema_pq", s.ema_queue)?;
         d.set_item("queue_samples", s.queue_samples)?;
