@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -69,10 +70,10 @@ def endless_server() -> Iterator[str]:
 def test_stream_client_caps_an_event_that_never_ends(endless_server: str) -> None:
     client = _core.StreamClient(1, 10.0, max_event_bytes=1 << 20)
     done = threading.Event()
-    result: dict[str, object] = {}
+    outcomes: list[Any] = []
 
-    def callback(payload: dict[str, object]) -> None:
-        result.update(payload)
+    def callback(outcome: Any) -> None:
+        outcomes.append(outcome)
         done.set()
 
     try:
@@ -80,7 +81,9 @@ def test_stream_client_caps_an_event_that_never_ends(endless_server: str) -> Non
         assert done.wait(30), "the client kept buffering an endless event"
     finally:
         client.close()
-    assert result["ok"] is False
-    assert result["kind"] == "decode"
-    assert result["truncated"] is False
-    assert "max_event_bytes=1048576" in str(result["message"])
+    (failure,) = outcomes
+    assert isinstance(failure, _core.StreamFailure)
+    assert failure.ok is False
+    assert failure.kind == "decode"
+    assert failure.truncated is False
+    assert "max_event_bytes=1048576" in failure.message

@@ -11,9 +11,9 @@ fn state_from(name: &str) -> PyResult<EngineState> {
         "active" => Ok(EngineState::Active),
         "paused" => Ok(EngineState::Paused),
         "down" => Ok(EngineState::Down),
-        other => Err(PyValueError::new_err(format!(
-            "engine state must be 'active', 'paused' or 'down', got {other:?}"
-        ))),
+        other => {
+            Err(PyValueError::new_err(format!("engine state must be 'active', 'paused' or 'down', got {other:?}")))
+        }
     }
 }
 
@@ -94,12 +94,7 @@ impl PyRouter {
 
     /// `[(id, state, outstanding, sessions)]` in slot order.
     fn loads(&self) -> PyResult<Vec<(String, &'static str, u32, u32)>> {
-        Ok(self
-            .lock()?
-            .loads()
-            .into_iter()
-            .map(|l| (l.id, state_name(l.state), l.outstanding, l.sessions))
-            .collect())
+        Ok(self.lock()?.loads().into_iter().map(|l| (l.id, state_name(l.state), l.outstanding, l.sessions)).collect())
     }
 
     fn __len__(&self) -> PyResult<usize> {
