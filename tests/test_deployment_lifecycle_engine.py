@@ -6,6 +6,7 @@ with requests in flight."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -19,9 +20,9 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from _engine_helpers import model_dir_with, perturbed, recompute_error, sample_from
+from _engine_helpers import CHAT, model_dir_with, perturbed, recompute_error, sample_from
 
-from rollstream import ChatTokenizer
+from rollstream import ChatTokenizer, DeploymentSampler
 from rollstream._exceptions import DeploymentError
 from rollstream._supervise import group_members
 from rollstream.deployment import DeploymentConfig, DeploymentManager
@@ -80,6 +81,12 @@ def test_lifecycle_across_processes(tiny_model_dir: Path, tmp_path: Path) -> Non
         listed = _cli("deploy", "list", *common)
         assert "life" in listed.stdout
         assert "READY" in listed.stdout
+        # Sampling from this process follows the owner's state file.
+        tok = ChatTokenizer.from_pretrained(tiny_model_dir)
+        sampler = DeploymentSampler(inference_url=mgr.inference_url, model="life", tokenizer=tok)
+        samples = asyncio.run(sampler.sample_with_tokens(CHAT, n=2, max_tokens=4))
+        assert {c.server_url for c in samples} == {info.replicas[0].url}
+        sampler.close()
 
         # The stored configuration is not silently ignored.
         drifted = DeploymentConfig(
@@ -119,7 +126,6 @@ def test_lifecycle_across_processes(tiny_model_dir: Path, tmp_path: Path) -> Non
         assert info.current_snapshot_identity == "l-2"
         url = str(info.replicas[0].url)
         assert _version(url) == "l-2"
-        tok = ChatTokenizer.from_pretrained(tiny_model_dir)
         hf = model_dir_with(tmp_path, tiny_model_dir, store.materialize("l-2"))
         assert recompute_error(sample_from(url, "life", tok), hf) < 1e-4
 

@@ -213,6 +213,8 @@ class SampledCompletion:
     completion_ids: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
     completion_logprobs: npt.NDArray[np.float32] | None = field(default=None, repr=False)
     attempts: int = 1
+    #: Base URL of the server (replica) that produced the sample.
+    server_url: str | None = None
 
     @property
     def prompt_tokens(self) -> list[int]:

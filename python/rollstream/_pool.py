@@ -13,10 +13,11 @@ pool keep a conversation on one replica, where its prefix is cached.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["EndpointPool", "Route", "StaticPool"]
+__all__ = ["EndpointPool", "Route", "StaticPool", "pool_for"]
 
 
 @runtime_checkable
@@ -65,3 +66,29 @@ class StaticPool:
 
     def __repr__(self) -> str:
         return f"StaticPool({self._route.url!r})"
+
+
+def pool_for(inference_url: str | Sequence[str], model: str) -> EndpointPool:
+    """The pool an ``inference_url`` names: one server (``http(s)://...``),
+    several (a list of URLs, routed by :class:`rollstream.routing.EnginePool`),
+    or a deployment's replicas (a DeploymentManager's ``rollstream://...``
+    URL, with ``model`` naming the deployment), resolved client-side."""
+    if isinstance(inference_url, str):
+        if inference_url.startswith(("http://", "https://")):
+            return StaticPool(inference_url)
+        if inference_url.startswith("rollstream://"):
+            from .deployment import deployment_pool
+
+            return deployment_pool(inference_url, model)
+    elif (
+        isinstance(inference_url, Sequence)
+        and inference_url
+        and all(isinstance(u, str) for u in inference_url)
+    ):
+        from .routing import EnginePool
+
+        return EnginePool(inference_url)
+    raise ValueError(
+        f"inference_url must be an http(s) URL, a list of them, or a DeploymentManager's "
+        f"inference_url (rollstream://...), got {inference_url!r}"
+    )

@@ -144,9 +144,12 @@ class EnginePool:
                     if (loop, fut) in self._waiters:
                         self._waiters.remove((loop, fut))
 
-    def release(self, route: Route, *, ok: bool = True) -> None:
-        """The request on ``route`` finished (``ok=False``: it failed on the
-        transport; the caller decides whether the engine is down)."""
+    def release(self, route: object, *, ok: bool = True) -> None:
+        """The request on ``route`` (a :class:`Route` from :meth:`acquire`)
+        finished; ``ok=False``: it failed on the transport (whether the
+        engine is down is the caller's call)."""
+        if not isinstance(route, Route):
+            raise TypeError(f"release() takes a Route from this pool's acquire(), got {route!r}")
         self._router.done(route.slot)
 
     def finish_session(self, session: str) -> bool:

@@ -63,7 +63,7 @@ from ._models import (
     ServerMetrics,
 )
 from ._options import CallOptions
-from ._pool import EndpointPool, Route, StaticPool
+from ._pool import EndpointPool, Route, pool_for
 from ._results import (
     PROCESSED,
     ReplyMismatch,
@@ -252,9 +252,7 @@ class DeploymentSampler:
         pool: EndpointPool | None = None,
     ) -> None:
         if pool is None:
-            if not isinstance(inference_url, str) or not inference_url.startswith(("http://", "https://")):
-                raise ValueError(f"inference_url must be an http(s) URL, got {inference_url!r}")
-            pool = StaticPool(inference_url)
+            pool = pool_for(inference_url, model)
         elif not isinstance(pool, EndpointPool):
             raise TypeError(f"pool={pool!r} has no async acquire(session) / release(route, ok=...)")
         if endpoint not in ENDPOINTS:
@@ -889,6 +887,7 @@ class DeploymentSampler:
                 attempts=a.index,
                 logprobs_mode=mode,
             )
+            a.completion = replace(a.completion, server_url=route.url)
         except ReplyMismatch as e:
             a.verdict = protocol_error(str(e), e.excerpt)
             a.metrics = replace(metrics, error=str(e)[:200])

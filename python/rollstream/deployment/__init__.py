@@ -14,6 +14,7 @@ loop keeps working with a change of import::
 from ._backends import Backend, LaunchSpec, LocalBackend, RayBackend, ReplicaHandle
 from ._config import SHAPES, DeploymentConfig, DeploymentInfo, DeploymentShape, ReplicaInfo, default_shape
 from ._manager import SCHEME, DeploymentManager, owned_pool
+from ._pools import StatePool, deployment_pool
 from ._state import default_state_dir
 from ._syncer import WeightSyncer
 
@@ -30,8 +31,10 @@ __all__ = [
     "RayBackend",
     "ReplicaHandle",
     "ReplicaInfo",
+    "StatePool",
     "WeightSyncer",
     "default_shape",
     "default_state_dir",
+    "deployment_pool",
     "owned_pool",
 ]

@@ -387,6 +387,9 @@ class DeploymentManager:
                 r.ready_at = time.monotonic()
                 r.last_error = None
                 live.pool.add(str(r.url))
+                if r.stale_url is not None and r.stale_url != r.url:
+                    live.pool.remove(r.stale_url)
+                r.stale_url = None
                 self._refresh_state(live)
                 self._save(live)
         except Exception as e:
@@ -492,14 +495,14 @@ class DeploymentManager:
         live.notify()
 
     def _restart(self, live: _Live, r: Replica) -> None:
-        old_url = r.url
+        # The old URL stays in the pool, down, until the new one joins: a
+        # sampler waits for the replica instead of finding no engine at all.
+        r.stale_url = r.url or r.stale_url
         h = r.handle
         r.handle = None
         if h is not None:
             with contextlib.suppress(Exception):
                 h.stop(10.0)
-        if old_url is not None:
-            live.pool.remove(old_url)
         r.restarts += 1
         self._launch(live, r)
         self._save(live)

@@ -52,6 +52,9 @@ class Replica:
         self.started_at = time.monotonic()
         self.ready_at: float | None = None
         self.starter: threading.Thread | None = None
+        #: The URL of the previous start, kept (down) in the routing pool
+        #: until the restarted server joins.
+        self.stale_url: str | None = None
         self.cancel = threading.Event()
         self._api_key = api_key
         self._headers = headers
