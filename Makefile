@@ -20,7 +20,7 @@ engine: $(PY)
 ## sampler needs only these, so they go in without dependencies).
 build: $(PY)
 	$(PY) -m pip install -q "maturin>=1.7,<2"
-	$(VENV)/bin/maturin develop --release -q -E dev,testing
+	$(VENV)/bin/maturin develop --release -q -E dev,testing,ray
 	$(PY) -m pip install -q --no-deps fireworks-ai==1.2.30 distro httpx-aiohttp
 
 setup: engine build

@@ -297,6 +297,8 @@ class DeploymentManager:
                 else config.base_model,
             )
         live = _Live(config, weights, bucket)
+        # Created here, on the caller's thread (Ray's init wants the main one).
+        self.backend  # noqa: B018
         with self._lock:
             self._live[dep] = live
             _OWNED[(str(self.store.root), dep)] = live
