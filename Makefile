@@ -20,14 +20,14 @@ engine: $(PY)
 ## sampler needs only these, so they go in without dependencies).
 build: $(PY)
 	$(PY) -m pip install -q "maturin>=1.7,<2"
-	$(VENV)/bin/maturin develop --release -q -E dev,testing,ray
+	$(VENV)/bin/maturin develop --release -q -E dev,testing,ray,demo
 	$(PY) -m pip install -q --no-deps fireworks-ai==1.2.30 distro httpx-aiohttp
 
 setup: engine build
 
-## demo: README command 1 - a local deployment of the tiny model, sampled
+## demo: README command 1 - GRPO end to end on a local deployment (a few minutes)
 demo: setup
-	$(PY) examples/quickstart.py
+	$(PY) -m rollstream.examples.grpo
 
 ## test: README command 2 - lint, Rust tests, Python tests (engine included)
 test: setup lint test-rust test-python

@@ -73,10 +73,8 @@ def _b64_array(entry: Mapping[str, Any], name: str, dtype: type[np.generic], whe
     return np.frombuffer(raw, dtype=dtype)
 
 
-def parse_mask_reply(body: bytes, key: str, request_id: str) -> SamplingMask:
-    """The mask of ``key`` in a ``/collective_rpc`` reply, or a
-    :class:`SamplingMaskError` saying what is wrong with the reply."""
-    where = f"the sampling-mask reply for {request_id}"
+def _reply_entries(body: bytes, where: str, request_id: str | None) -> dict[str, Any]:
+    """The per-key entries of a ``rollstream_take_sampling_masks`` reply."""
     try:
         reply = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -90,11 +88,17 @@ def parse_mask_reply(body: bytes, key: str, request_id: str) -> SamplingMask:
             request_id=request_id,
             excerpt=_excerpt(body),
         )
-    if key not in results[0]:
+    return results[0]
+
+
+def _entry_mask(entries: Mapping[str, Any], key: str, request_id: str, body: bytes) -> SamplingMask:
+    """The mask of ``key`` among a reply's entries, checked."""
+    where = f"the sampling-mask reply for {request_id}"
+    if key not in entries:
         raise SamplingMaskError(
             f"{where} does not mention key {key!r}", request_id=request_id, excerpt=_excerpt(body)
         )
-    entry = results[0][key]
+    entry = entries[key]
     if entry is None:
         raise SamplingMaskError(
             f"the server recorded no sampling mask for {request_id} (captured on another replica, "
@@ -133,6 +137,29 @@ def parse_mask_reply(body: bytes, key: str, request_id: str) -> SamplingMask:
         ) from e
 
 
+def parse_mask_reply(body: bytes, key: str, request_id: str) -> SamplingMask:
+    """The mask of ``key`` in a ``/collective_rpc`` reply, or a
+    :class:`SamplingMaskError` saying what is wrong with the reply."""
+    entries = _reply_entries(body, f"the sampling-mask reply for {request_id}", request_id)
+    return _entry_mask(entries, key, request_id, body)
+
+
+#: Masks of attempts that finish within this many seconds of each other on
+#: one server are fetched with one request (a step's hundreds of samples
+#: would otherwise cost hundreds of control calls).
+COALESCE_S = 0.002
+#: At most this many keys per request.
+MAX_KEYS = 256
+
+
+class _Batch:
+    __slots__ = ("flushing", "waiters")
+
+    def __init__(self) -> None:
+        self.waiters: dict[str, tuple[asyncio.Future[SamplingMask], str]] = {}
+        self.flushing = False
+
+
 def fit_mask(mask: SamplingMask, c: SampledCompletion) -> SamplingMask:
     """``mask`` checked against the completion it belongs to: a row per
     returned token (rows of tokens a stop string cut off are dropped), each
@@ -163,10 +190,14 @@ class ControlClient:
     """Control-plane requests to the servers a sampler uses."""
 
     def __init__(self, headers: Mapping[str, str], timeout: float = 60.0) -> None:
-        self._headers = dict(headers)
+        # identity: vLLM does not compress these replies, and setting up
+        # httpx's decoders costs about a millisecond per response.
+        self._headers = {"accept-encoding": "identity", **headers}
         self._timeout = timeout
         self._clients: LoopLocal[httpx.AsyncClient] = LoopLocal(self._new_client)
         self._lookups: dict[tuple[Any, str], asyncio.Task[str | None]] = {}
+        self._batches: dict[tuple[asyncio.AbstractEventLoop, str], _Batch] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def _new_client(self) -> httpx.AsyncClient:
         # No idle connections: they would outlive an event loop that ends
@@ -181,26 +212,65 @@ class ControlClient:
         )
 
     async def take_mask(self, base_url: str, key: str, request_id: str) -> SamplingMask:
-        """The sampling mask captured under ``key`` on the server at ``base_url``."""
-        client = self._clients.get()
+        """The sampling mask captured under ``key`` on the server at
+        ``base_url``. Calls that arrive together are fetched together."""
+        loop = asyncio.get_running_loop()
+        batch = self._batches.get((loop, base_url))
+        if batch is None or batch.flushing:
+            batch = self._batches[(loop, base_url)] = _Batch()
+            loop.call_later(COALESCE_S, self._flush_soon, loop, base_url, batch)
+        fut: asyncio.Future[SamplingMask] = loop.create_future()
+        batch.waiters[key] = (fut, request_id)
+        if len(batch.waiters) >= MAX_KEYS:
+            self._flush_soon(loop, base_url, batch)
+        return await fut
+
+    def _flush_soon(self, loop: asyncio.AbstractEventLoop, base_url: str, batch: _Batch) -> None:
+        if batch.flushing:
+            return
+        batch.flushing = True
+        if self._batches.get((loop, base_url)) is batch:
+            del self._batches[(loop, base_url)]
+        task = loop.create_task(self._fetch(base_url, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fetch(self, base_url: str, batch: _Batch) -> None:
+        waiters = batch.waiters
+        first = next(iter(waiters.values()))[1]
+        label = first if len(waiters) == 1 else f"{first} (and {len(waiters) - 1} more)"
         try:
-            r = await client.post(
-                base_url + "/collective_rpc",
-                json={"method": "rollstream_take_sampling_masks", "kwargs": {"keys": [key]}},
-            )
-        except httpx.HTTPError as e:
-            raise MaskFetchFailed(
-                f"fetching the sampling mask of {request_id} from {base_url} failed: {e!r}",
-                request_id=request_id,
-            ) from e
-        if r.status_code >= 300:
-            raise SamplingMaskError(
-                f"the server at {base_url} returned no sampling mask for {request_id} and cannot provide one "
-                f"(HTTP {r.status_code}: {server_message(r.text)}). {_HINT}",
-                request_id=request_id,
-                excerpt=_excerpt(r.content),
-            )
-        return parse_mask_reply(r.content, key, request_id)
+            try:
+                r = await self._clients.get().post(
+                    base_url + "/collective_rpc",
+                    json={"method": "rollstream_take_sampling_masks", "kwargs": {"keys": list(waiters)}},
+                )
+            except httpx.HTTPError as e:
+                raise MaskFetchFailed(
+                    f"fetching the sampling masks of {label} from {base_url} failed: {e!r}", request_id=first
+                ) from e
+            if r.status_code >= 300:
+                raise SamplingMaskError(
+                    f"the server at {base_url} returned no sampling mask for {label} and cannot provide one "
+                    f"(HTTP {r.status_code}: {server_message(r.text)}). {_HINT}",
+                    request_id=first,
+                    excerpt=_excerpt(r.content),
+                )
+            entries = _reply_entries(r.content, f"the sampling-mask reply for {label}", first)
+        except BaseException as e:
+            for fut, _ in waiters.values():
+                if not fut.done():
+                    fut.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for key, (fut, request_id) in waiters.items():
+            if fut.done():
+                continue
+            try:
+                fut.set_result(_entry_mask(entries, key, request_id, r.content))
+            except SamplingMaskError as e:
+                fut.set_exception(e)
 
     @staticmethod
     def known_logprobs_mode(base_url: str) -> tuple[bool, str | None]:

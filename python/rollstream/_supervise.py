@@ -82,4 +82,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    code = main(sys.argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not sys.exit: the stdin watcher may still be blocked in read(), and
+    # interpreter finalization would abort on its buffered-reader lock.
+    os._exit(code)

@@ -272,7 +272,8 @@ class RayBackend:
         self.address = address
         self.startup_timeout = startup_timeout
         if not ray.is_initialized():
-            kwargs = {"namespace": namespace, "include_dashboard": False, "log_to_driver": False}
+            kwargs: dict[str, Any] = {"namespace": namespace, "include_dashboard": False}
+            kwargs["log_to_driver"] = False
             kwargs.update(init_kwargs or {})
             ray.init(address=address, **kwargs)
         self._actor_cls = ray.remote(num_cpus=0)(_ReplicaActor)
@@ -295,7 +296,7 @@ class RayBackend:
         host = (
             "127.0.0.1" if spec.host == "127.0.0.1" and _single_node(ray) else ray.util.get_node_ip_address()
         )
-        actor = self._actor_cls.options(
+        actor: Any = self._actor_cls.options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg),
             name=f"rollstream-{spec.deployment_id}-{spec.index}-{os.getpid()}",
         ).remote(spec, host)

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from .._exceptions import DeploymentError, HotloadError
+from .._exceptions import DeploymentError, EngineStartError, HotloadError
 from ..routing import EnginePool
 from ..snapshots import SnapshotStore, check_identity
 from . import _control
@@ -400,7 +400,11 @@ class DeploymentManager:
                     return
                 r.last_error = str(e)[-4000:]
                 log.warning("replica %d of %s failed to start: %s", r.index, live.config.deployment_id, e)
-                r.state = "DOWN"
+                # A server that exits before it ever served has a problem a
+                # restart will not fix (arguments, model, memory): fail now
+                # with its log instead of retrying for minutes.
+                never_served = r.ready_at is None and r.restarts == 0
+                r.state = "FAILED" if never_served and isinstance(e, EngineStartError) else "DOWN"
                 self._refresh_state(live)
                 self._save(live)
         finally:

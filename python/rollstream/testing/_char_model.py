@@ -1,0 +1,197 @@
+"""A tiny character-level Qwen3-architecture model: the demo's policy.
+
+Its vocabulary is 41 tokens (three specials, ``a``-``z``, ``0``-``9``, space
+and newline), so a trainer's full-vocabulary logits cost nothing on a laptop
+CPU, while everything else is real: vLLM serves it, transformers loads it,
+rollstream's ChatTokenizer renders its chat template, and its embeddings are
+tied to the LM head (the case vLLM 0.32 hot-loads wrongly without
+rollstream's fix). The chat template renders ``<|im_start|>`` + the last
+message + a space, so a one-letter prompt is three tokens.
+
+Weights are small random values (embedding std 0.02: almost uniform output
+over the vocabulary), deterministic by seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._model import write_safetensors
+
+__all__ = ["CHAR_TEMPLATE", "CharModelSpec", "char_model"]
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHARS = list(string.ascii_lowercase + string.digits + " \n")
+CHAR_TEMPLATE = (
+    "{{- '<|im_start|>' + messages[-1]['content'] -}}{%- if add_generation_prompt -%}{{- ' ' -}}{%- endif -%}"
+)
+SPEC_VERSION = 2
+
+
+class CharModelSpec:
+    """Shapes of the character-level model."""
+
+    hidden_size = 128
+    intermediate_size = 384
+    num_hidden_layers = 2
+    num_attention_heads = 2
+    num_key_value_heads = 1
+    head_dim = 64
+    vocab_size = len(SPECIALS) + len(CHARS)
+    max_position_embeddings = 2048
+    embedding_std = 0.02
+    init_std = 0.02
+
+
+def _tokenizer() -> dict[str, Any]:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": tok,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for i, tok in enumerate(SPECIALS)
+        ],
+        "normalizer": None,
+        # One token per character.
+        "pre_tokenizer": {
+            "type": "Split",
+            "pattern": {"Regex": "[\\s\\S]"},
+            "behavior": "Isolated",
+            "invert": False,
+        },
+        "post_processor": None,
+        "decoder": {"type": "Fuse"},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<|endoftext|>"},
+    }
+
+
+def _tokenizer_config() -> dict[str, Any]:
+    return {
+        "added_tokens_decoder": {
+            str(i): {
+                "content": tok,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for i, tok in enumerate(SPECIALS)
+        },
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "model_max_length": CharModelSpec.max_position_embeddings,
+        "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHAR_TEMPLATE,
+    }
+
+
+def _config() -> dict[str, Any]:
+    s = CharModelSpec
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": s.vocab_size,
+        "hidden_size": s.hidden_size,
+        "intermediate_size": s.intermediate_size,
+        "num_hidden_layers": s.num_hidden_layers,
+        "num_attention_heads": s.num_attention_heads,
+        "num_key_value_heads": s.num_key_value_heads,
+        "head_dim": s.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": s.max_position_embeddings,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": s.num_hidden_layers,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "initializer_range": s.init_std,
+        "use_cache": True,
+        "transformers_version": "4.51.0",
+    }
+
+
+def _weights(seed: int) -> dict[str, np.ndarray]:
+    s = CharModelSpec
+    rng = np.random.default_rng(seed)
+
+    def normal(shape: tuple[int, ...], std: float) -> np.ndarray:
+        out: np.ndarray = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+        return out.astype(np.float32)
+
+    def ones(n: int) -> np.ndarray:
+        return np.ones(n, np.float32)
+
+    h, d = s.hidden_size, s.head_dim
+    q_out, kv_out = s.num_attention_heads * d, s.num_key_value_heads * d
+    w: dict[str, np.ndarray] = {"model.embed_tokens.weight": normal((s.vocab_size, h), s.embedding_std)}
+    for i in range(s.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = ones(h)
+        w[p + "post_attention_layernorm.weight"] = ones(h)
+        w[p + "self_attn.q_proj.weight"] = normal((q_out, h), s.init_std)
+        w[p + "self_attn.k_proj.weight"] = normal((kv_out, h), s.init_std)
+        w[p + "self_attn.v_proj.weight"] = normal((kv_out, h), s.init_std)
+        w[p + "self_attn.o_proj.weight"] = normal((h, q_out), s.init_std)
+        w[p + "self_attn.q_norm.weight"] = ones(d)
+        w[p + "self_attn.k_norm.weight"] = ones(d)
+        w[p + "mlp.gate_proj.weight"] = normal((s.intermediate_size, h), s.init_std)
+        w[p + "mlp.up_proj.weight"] = normal((s.intermediate_size, h), s.init_std)
+        w[p + "mlp.down_proj.weight"] = normal((h, s.intermediate_size), s.init_std)
+    w["model.norm.weight"] = ones(h)
+    return w
+
+
+def char_model(path: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Write the character-level model to ``path`` (created if missing) and
+    return it. Deterministic by ``seed``; an existing directory written by the
+    same version and seed is reused."""
+    out = Path(path)
+    stamp = out / ".rollstream-char-model.json"
+    want = {"spec": SPEC_VERSION, "seed": seed}
+    if stamp.exists():
+        try:
+            if json.loads(stamp.read_text()) == want:
+                return out
+        except json.JSONDecodeError:
+            pass
+    out.mkdir(parents=True, exist_ok=True)
+
+    def dump(name: str, obj: Any) -> None:
+        (out / name).write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+    dump("config.json", _config())
+    dump("generation_config.json", {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0})
+    dump("tokenizer_config.json", _tokenizer_config())
+    dump("special_tokens_map.json", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    dump("tokenizer.json", _tokenizer())
+    write_safetensors(out / "model.safetensors", _weights(seed))
+    dump(".rollstream-char-model.json", want)
+    return out
