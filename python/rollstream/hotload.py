@@ -133,10 +133,13 @@ class ServerControl:
             return False
 
     def liveness(self, timeout: float = 5.0) -> float:
-        """Seconds a no-op worker RPC takes: it goes through the engine loop,
-        so a wedged engine fails here while ``/health`` still answers."""
+        """Seconds a round trip through the engine core's loop takes
+        (``/is_paused`` is answered between engine steps, so a wedged engine
+        fails here while ``/health`` still answers). Not a worker RPC: that
+        would keep vLLM's idle workers spinning on their shared-memory queue
+        for a second after every probe."""
         t0 = time.perf_counter()
-        self.rpc("liveness", "rollstream_ping", timeout=timeout)
+        self._request("liveness", "GET", "/is_paused", timeout=timeout)
         return time.perf_counter() - t0
 
     def weight_version(self) -> str | None:

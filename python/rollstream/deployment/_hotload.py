@@ -132,10 +132,16 @@ def commit(
     transition: str,
     status: HotloadStatus,
     fault: FaultHook | None = None,
+    verify: str = "before_resume",
 ) -> Weights:
     """Switch ``replicas`` from ``current`` to ``target`` (staged at
     ``paths[replica.index]``); returns ``target`` with its digest. On failure
-    every replica is back on ``current`` (or named as lost in the error)."""
+    every replica is back on ``current`` (or named as lost in the error).
+
+    ``verify``: ``"before_resume"`` checks what every replica computes with
+    while still paused, so no request ever runs on unverified weights;
+    ``"after_resume"`` shortens the paused window to pause + reload + resume
+    and checks right after (a failure pauses again and rolls back)."""
     label = target.identity or "base"
     t0 = time.perf_counter()
 
@@ -191,7 +197,8 @@ def commit(
         t = time.perf_counter()
         try:
             _parallel_or_raise(replicas, lambda r: _control(r).reset_prefix_cache(), "reset_prefix_cache")
-            digest = _verify(replicas, paths, label, expected)
+            if verify == "before_resume":
+                digest = _verify(replicas, paths, label, expected)
             if target.identity is not None:
                 _parallel_or_raise(
                     replicas,
@@ -202,10 +209,7 @@ def commit(
             _rollback(list(replicas), replicas, current, status)
             raise
         status.timings["verify_s"] = time.perf_counter() - t
-        for r in replicas:
-            r.snapshot_identity = target.identity
         committed = True
-        return Weights(target.identity, target.path, digest)
     finally:
         status.stage = "resuming"
         t = time.perf_counter()
@@ -215,7 +219,6 @@ def commit(
         pool.resume(urls)
         status.timings["resume_s"] = time.perf_counter() - t
         status.timings["paused_window_s"] = time.perf_counter() - window_start
-        status.timings["commit_s"] = time.perf_counter() - t0
         err = _first_failure(resumes, "resume")
         if err is not None:
             for r, res in resumes:
@@ -224,6 +227,28 @@ def commit(
                     r.last_error = f"resume failed: {res}"
             if committed:  # otherwise the original failure is on its way out
                 raise err
+    if verify == "after_resume":
+        # Serving already: a failure pauses again and goes back.
+        status.stage = "verifying"
+        t = time.perf_counter()
+        try:
+            digest = _verify(replicas, paths, label, expected)
+        except BaseException:
+            pool.pause(urls)
+            try:
+                _parallel(replicas, lambda r: _control(r).pause("keep"))
+                _rollback(list(replicas), replicas, current, status)
+                if current.identity is not None:
+                    _parallel(replicas, lambda r: _control(r).set_weight_version(str(current.identity)))
+            finally:
+                _parallel(replicas, lambda r: _control(r).resume_shielded())
+                pool.resume(urls)
+            raise
+        status.timings["verify_s"] = status.timings.get("verify_s", 0.0) + time.perf_counter() - t
+    status.timings["commit_s"] = time.perf_counter() - t0
+    for r in replicas:
+        r.snapshot_identity = target.identity
+    return Weights(target.identity, target.path, digest)
 
 
 def _parallel_or_raise(replicas: Sequence[Replica], fn: Callable[[Replica], object], stage: str) -> None:

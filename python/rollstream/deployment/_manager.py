@@ -17,62 +17,31 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from .._exceptions import DeploymentError, EngineStartError, HotloadError
+from .._exceptions import DeploymentError, HotloadError
 from ..routing import EnginePool
 from ..snapshots import SnapshotStore, check_identity
 from . import _control
-from ._backends import Backend, LaunchSpec, link_dir, make_backend, view_dir
-from ._config import MUTABLE_FIELDS, DeploymentConfig, DeploymentInfo, ReplicaInfo
+from ._backends import Backend, link_dir, make_backend
+from ._config import MUTABLE_FIELDS, DeploymentConfig, DeploymentInfo
 from ._hotload import FaultHook, HotloadStatus, commit
-from ._replica import Replica, Weights
+from ._lifecycle import ReplicaLifecycle
+from ._live import OWNED, SCHEME, Live, owned_pool
+from ._replica import Weights
 from ._state import StateStore, default_state_dir, owner_alive, process_identity
+from ._views import StateViews
 
 __all__ = ["SCHEME", "DeploymentManager", "owned_pool"]
 
 log = logging.getLogger("rollstream.deployment")
 
-#: URL scheme of a manager's ``inference_url``: samplers resolve the replicas
-#: of a deployment from it, client-side (no proxy in the data path).
-SCHEME = "rollstream://"
 
-# Live (owned) deployments of this process, by (state root, id), for samplers
-# in the same process: they route on the owner's pool and see pauses at once.
-_OWNED: weakref.WeakValueDictionary[tuple[str, str], _Live] = weakref.WeakValueDictionary()
-
-
-class _Live:
-    """A deployment this process owns."""
-
-    def __init__(self, config: DeploymentConfig, weights: Weights, bucket: str) -> None:
-        self.config = config
-        self.weights = weights
-        self.bucket = bucket
-        self.replicas: list[Replica] = []
-        self.pool = EnginePool(name=f"deployment {config.deployment_id!r}")
-        self.lock = threading.RLock()
-        self.status = HotloadStatus(target=weights.identity)
-        self.status.done.set()
-        self.hotload_thread: threading.Thread | None = None
-        self.state = "CREATING"
-        self.last_error: str | None = None
-        self.changed = threading.Condition()
-        self.closed = False
-        self.next_index = 0
-
-    def notify(self) -> None:
-        with self.changed:
-            self.changed.notify_all()
-
-
-class DeploymentManager:
+class DeploymentManager(ReplicaLifecycle, StateViews):
     """Starts, watches, scales, hot-loads and stops vLLM deployments.
 
     ``backend``: ``"local"`` (replicas are processes of this machine, the
@@ -92,6 +61,12 @@ class DeploymentManager:
     probe; a replica that fails it twice, or whose process exits, is taken
     out of rotation and restarted (at most ``max_restarts`` times), then
     brought to the deployment's weights before it serves again.
+
+    ``verify_hotloads``: ``"before_resume"`` (default) verifies what every
+    replica computes with while it is still paused, so no request runs on
+    unverified weights; ``"after_resume"`` keeps the paused window to pause +
+    reload + resume and verifies right after (a failure pauses again and
+    rolls back).
     """
 
     account_id = "local"
@@ -113,6 +88,7 @@ class DeploymentManager:
         max_restarts: int = 3,
         startup_timeout: float = 900.0,
         python: str | None = None,
+        verify_hotloads: str = "before_resume",
     ) -> None:
         if isinstance(backend, str) and backend not in ("local", "ray"):
             raise ValueError(
@@ -122,6 +98,9 @@ class DeploymentManager:
         for name, value in (("probe_interval", probe_interval), ("probe_timeout", probe_timeout)):
             if not (isinstance(value, (int, float)) and 0 < value < 3600):
                 raise ValueError(f"{name}={value!r} must be a number of seconds in (0, 3600)")
+        if verify_hotloads not in ("before_resume", "after_resume"):
+            raise ValueError(f"verify_hotloads={verify_hotloads!r}: 'before_resume' or 'after_resume'")
+        self.verify_hotloads = verify_hotloads
         if not isinstance(max_restarts, int) or max_restarts < 0:
             raise ValueError(f"max_restarts={max_restarts!r} must be a non-negative int")
         self._backend_spec = backend
@@ -135,7 +114,7 @@ class DeploymentManager:
         self.max_restarts = max_restarts
         self.startup_timeout = startup_timeout
         self.python = python
-        self._live: dict[str, _Live] = {}
+        self._live: dict[str, Live] = {}
         self._lock = threading.RLock()
         self._control: _control.ControlServer | None = None
         self._watcher: threading.Thread | None = None
@@ -296,12 +275,12 @@ class DeploymentManager:
                 if Path(config.base_model).exists()
                 else config.base_model,
             )
-        live = _Live(config, weights, bucket)
+        live = Live(config, weights, bucket)
         # Created here, on the caller's thread (Ray's init wants the main one).
         self.backend  # noqa: B018
         with self._lock:
             self._live[dep] = live
-            _OWNED[(str(self.store.root), dep)] = live
+            OWNED[(str(self.store.root), dep)] = live
             self._ensure_services()
             with self.store.lock(dep):
                 self._save(live)
@@ -318,311 +297,7 @@ class DeploymentManager:
             self._watcher = threading.Thread(target=self._watch, name="rollstream-deploy-watch", daemon=True)
             self._watcher.start()
 
-    def _add_replica(self, live: _Live) -> Replica:
-        r = Replica(live.next_index, self.api_key, self._headers)
-        live.next_index += 1
-        live.replicas.append(r)
-        self._launch(live, r)
-        return r
-
-    def _launch(self, live: _Live, r: Replica) -> None:
-        r.cancel.clear()
-        r.state = "STARTING"
-        r.started_at = time.monotonic()
-        r.starter = threading.Thread(
-            target=self._run_start, args=(live, r), name=f"rollstream-replica-{r.index}", daemon=True
-        )
-        r.starter.start()
-
-    def _spec(self, live: _Live, r: Replica, weights: Weights) -> LaunchSpec:
-        cfg = live.config
-        shape = cfg.shape
-        dep = cfg.deployment_id
-        base = Path(cfg.base_model)
-        model = cfg.base_model
-        if weights.identity is not None:
-            model = str(
-                view_dir(cfg.base_model, Path(weights.path), self.store.dir(dep) / "views" / weights.identity)
-            )
-        roots = [self.store.dir(dep), Path(live.bucket)]
-        if base.exists():
-            roots.append(base.resolve())
-        env = dict(shape.env)
-        env.update(cfg.extra_values or {})
-        env["ROLLSTREAM_SNAPSHOT_ROOTS"] = os.pathsep.join(str(Path(p).resolve()) for p in roots)
-        args = list(shape.args)
-        if self.api_key:
-            args += ["--api-key", self.api_key]
-        args += list(cfg.extra_args or [])
-        name = cfg.served_model_name or dep
-        logs = self.store.dir(dep) / "logs"
-        return LaunchSpec(
-            deployment_id=dep,
-            index=r.index,
-            model=model,
-            served_model_name=(name, f"accounts/{self.account_id}/deployments/{dep}"),
-            args=args,
-            env=env,
-            log_path=str(logs / f"replica-{r.index}-{int(time.time())}-{r.restarts}.log"),
-            resources=dict(shape.resources),
-            python=self.python,
-            replicas=max(1, cfg.replicas),
-        )
-
-    def _run_start(self, live: _Live, r: Replica) -> None:
-        """Launch a replica, wait for it, bring it to the deployment's weights
-        and put it into rotation. Runs in its own thread."""
-        try:
-            started_with = live.weights
-            handle = self.backend.launch(self._spec(live, r, started_with))
-            with live.lock:
-                r.attach(handle)
-                self._save(live)
-            handle.wait_healthy(self.startup_timeout, cancelled=r.cancel.is_set)
-            with live.lock:
-                if r.cancel.is_set() or live.closed:
-                    return
-                r.state = "SYNCING"
-                self._sync_joiner(live, r, started_with)
-                r.state = "READY"
-                r.failures = 0
-                r.ready_at = time.monotonic()
-                r.last_error = None
-                live.pool.add(str(r.url))
-                if r.stale_url is not None and r.stale_url != r.url:
-                    live.pool.remove(r.stale_url)
-                r.stale_url = None
-                self._refresh_state(live)
-                self._save(live)
-        except Exception as e:
-            with live.lock:
-                if r.cancel.is_set() or live.closed:
-                    return
-                r.last_error = str(e)[-4000:]
-                log.warning("replica %d of %s failed to start: %s", r.index, live.config.deployment_id, e)
-                # A server that exits before it ever served has a problem a
-                # restart will not fix (arguments, model, memory): fail now
-                # with its log instead of retrying for minutes.
-                never_served = r.ready_at is None and r.restarts == 0
-                r.state = "FAILED" if never_served and isinstance(e, EngineStartError) else "DOWN"
-                self._refresh_state(live)
-                self._save(live)
-        finally:
-            live.notify()
-
-    def _sync_joiner(self, live: _Live, r: Replica, started_with: Weights) -> None:
-        """Bring a replica that just started to the deployment's current
-        weights and check it serves them (called under ``live.lock``, so no
-        hot-load runs meanwhile)."""
-        assert r.control is not None
-        assert r.handle is not None
-        w = live.weights
-        if w.path != started_with.path:
-            # A hot-load happened while this replica was starting.
-            path = r.handle.stage(live.bucket, w.identity) if w.identity is not None else w.path
-            r.control.check_checkpoint(path)
-            r.control.pause("keep")
-            try:
-                r.control.reload(path, fallback=started_with.path)
-                r.control.reset_prefix_cache()
-            finally:
-                r.control.resume()
-        path = w.path
-        report = r.control.fingerprint(path)
-        from ..hotload import verify_fingerprint
-
-        verify_fingerprint(report, str(r.url), w.identity or "base")
-        if w.digest is None:
-            live.weights = dataclasses.replace(w, digest=report["digest"])
-        elif report["digest"] != w.digest:
-            raise HotloadError(
-                f"replica {r.index} ({r.url}) serves weights whose digest {report['digest']} differs "
-                f"from the deployment's {w.digest}",
-                stage="verify",
-                replica=r.url,
-            )
-        if w.identity is not None:
-            r.control.set_weight_version(w.identity)
-        r.snapshot_identity = w.identity
-
-    def _watch(self) -> None:
-        """Liveness of every owned replica; restarts; state upkeep."""
-        while not self._closed.wait(self.probe_interval):
-            for live in list(self._live.values()):
-                if live.closed:
-                    continue
-                try:
-                    self._probe(live)
-                except Exception:  # the watcher must never die
-                    log.exception("deployment watcher error on %s", live.config.deployment_id)
-
-    def _probe(self, live: _Live) -> None:
-        for r in list(live.replicas):
-            if r.state != "READY" or not live.status.done.is_set():
-                continue
-            h, c = r.handle, r.control
-            if h is None or c is None:
-                continue
-            reason = None
-            if not h.alive():
-                reason = "its process exited"
-            else:
-                try:
-                    c.liveness(timeout=self.probe_timeout)
-                    r.failures = 0
-                except Exception as e:
-                    r.failures += 1
-                    if r.failures >= 2:
-                        reason = f"it failed {r.failures} liveness probes ({e})"
-            if reason is not None:
-                self._replica_down(live, r, reason)
-        with live.lock:
-            for r in list(live.replicas):
-                if r.state == "DOWN" and (r.starter is None or not r.starter.is_alive()):
-                    if r.restarts >= self.max_restarts:
-                        r.state = "FAILED"
-                        r.last_error = f"{r.last_error} (gave up after {r.restarts} restarts)"
-                        self._refresh_state(live)
-                        self._save(live)
-                        continue
-                    self._restart(live, r)
-
-    def _replica_down(self, live: _Live, r: Replica, reason: str) -> None:
-        with live.lock:
-            if r.state != "READY":
-                return
-            log.warning("replica %d of %s is down: %s", r.index, live.config.deployment_id, reason)
-            if r.url is not None:
-                live.pool.set_state(r.url, "down")
-            r.state = "DOWN"
-            r.last_error = reason
-            self._refresh_state(live)
-            self._save(live)
-        live.notify()
-
-    def _restart(self, live: _Live, r: Replica) -> None:
-        # The old URL stays in the pool, down, until the new one joins: a
-        # sampler waits for the replica instead of finding no engine at all.
-        r.stale_url = r.url or r.stale_url
-        h = r.handle
-        r.handle = None
-        if h is not None:
-            with contextlib.suppress(Exception):
-                h.stop(10.0)
-        r.restarts += 1
-        self._launch(live, r)
-        self._save(live)
-
-    def _refresh_state(self, live: _Live) -> None:
-        if live.closed:
-            return
-        want = live.config.replicas
-        ready = sum(r.state == "READY" for r in live.replicas)
-        if want == 0:
-            live.state = "SCALED_TO_ZERO"
-        elif not live.status.done.is_set():
-            live.state = "UPDATING"
-        elif ready >= want and len(live.replicas) == want:
-            live.state = "READY"
-        elif all(r.state == "FAILED" for r in live.replicas):
-            live.state = "FAILED"
-        elif ready == 0:
-            live.state = (
-                "CREATING"
-                if any(r.state in ("STARTING", "SYNCING", "DOWN") for r in live.replicas)
-                else "FAILED"
-            )
-        elif len(live.replicas) != want:
-            live.state = "UPDATING"
-        else:
-            live.state = "DEGRADED"
-
-    # -- state documents -------------------------------------------------------------------------
-
-    def _save(self, live: _Live) -> None:
-        dep = live.config.deployment_id
-        doc = {
-            "config": live.config.to_dict(),
-            "state": live.state,
-            "backend": self._backend_name(),
-            "owner": {**process_identity(), "control": self._control.address if self._control else None},
-            "weights": live.weights.to_dict(),
-            "bucket": live.bucket,
-            "replicas": [dataclasses.asdict(r.info()) for r in live.replicas],
-            "hotload": live.status.to_dict(),
-            "last_error": live.last_error,
-            "updated": time.time(),
-        }
-        self.store.write(dep, doc)
-
-    def _backend_name(self) -> str:
-        b = self._backend_spec
-        return b if isinstance(b, str) else str(getattr(b, "name", type(b).__name__))
-
-    def _info_live(self, live: _Live) -> DeploymentInfo:
-        with live.lock:
-            self._refresh_state(live)
-            return self._make_info(
-                live.config,
-                live.state,
-                tuple(r.info() for r in live.replicas),
-                live.weights.identity,
-                live.bucket,
-                os.getpid(),
-                live.last_error,
-            )
-
-    def _info_doc(self, doc: Mapping[str, Any]) -> DeploymentInfo:
-        config = DeploymentConfig.from_dict(doc["config"])
-        state = str(doc.get("state"))
-        replicas = tuple(ReplicaInfo(**r) for r in doc.get("replicas", []))
-        owner = doc.get("owner")
-        if state not in ("SCALED_TO_ZERO", "DELETING") and not owner_alive(owner):
-            state = "STOPPED"
-            replicas = tuple(dataclasses.replace(r, state="STOPPED") for r in replicas)
-        weights = doc.get("weights") or {}
-        return self._make_info(
-            config,
-            state,
-            replicas,
-            weights.get("identity"),
-            doc.get("bucket"),
-            (owner or {}).get("pid"),
-            doc.get("last_error"),
-        )
-
-    def _make_info(
-        self,
-        config: DeploymentConfig,
-        state: str,
-        replicas: tuple[ReplicaInfo, ...],
-        identity: str | None,
-        bucket: str | None,
-        owner_pid: int | None,
-        last_error: str | None,
-    ) -> DeploymentInfo:
-        dep = config.deployment_id
-        return DeploymentInfo(
-            deployment_id=dep,
-            name=f"accounts/{self.account_id}/deployments/{dep}",
-            state=state,
-            hot_load_bucket_url=bucket,
-            hot_load_trainer_job=config.hot_load_trainer_job,
-            hot_load_transition_type=config.transition,
-            deployment_shape_version=config.shape.name,
-            inference_model=config.served_model_name or dep,
-            base_model=config.base_model,
-            replicas=replicas,
-            current_snapshot_identity=identity,
-            backend=self._backend_name(),
-            owner_pid=owner_pid,
-            config=config,
-            last_error=last_error,
-        )
-
-    # -- forwarding to the owner -----------------------------------------------------------------
-
-    def _owner_doc(self, deployment_id: str) -> tuple[_Live | None, dict[str, Any] | None]:
+    def _owner_doc(self, deployment_id: str) -> tuple[Live | None, dict[str, Any] | None]:
         live = self._live.get(deployment_id)
         if live is not None:
             return live, None
@@ -725,7 +400,7 @@ class DeploymentManager:
         del reset_prompt_cache, timeout, cmek_resource
         return self.hotload_check_status(deployment_id, base_model)
 
-    def _run_hotload(self, live: _Live, identity: str, bucket: str, meta: dict[str, Any]) -> None:
+    def _run_hotload(self, live: Live, identity: str, bucket: str, meta: dict[str, Any]) -> None:
         status = live.status
         t0 = time.perf_counter()
         try:
@@ -752,6 +427,7 @@ class DeploymentManager:
                         transition=live.config.transition,
                         status=status,
                         fault=self.fault_hook,
+                        verify=self.verify_hotloads,
                     )
                     live.weights = weights
                 finally:
@@ -780,7 +456,7 @@ class DeploymentManager:
             live.notify()
 
     def _stage(
-        self, live: _Live, identity: str, bucket: str, meta: Mapping[str, Any], status: HotloadStatus
+        self, live: Live, identity: str, bucket: str, meta: Mapping[str, Any], status: HotloadStatus
     ) -> tuple[Weights, dict[int, str]]:
         """Resolve, check the chain of, materialise and verify the snapshot on
         every replica's host, all before anything is paused."""
@@ -1034,40 +710,6 @@ class DeploymentManager:
             cfg = dataclasses.replace(live.config, **fields)
             self._apply_counts(live, cfg)
 
-    def _apply_counts(self, live: _Live, cfg: DeploymentConfig) -> None:
-        with live.lock:
-            live.config = cfg
-            want = cfg.replicas
-            running = [r for r in live.replicas if r.state != "STOPPED"]
-            while len(running) < want:
-                running.append(self._add_replica(live))
-            surplus = running[want:]
-            for r in surplus:
-                live.replicas.remove(r)
-            self._refresh_state(live)
-            self._save(live)
-        for r in surplus:
-            self._retire(live, r)
-        with live.lock:
-            self._refresh_state(live)
-            self._save(live)
-        live.notify()
-
-    def _retire(self, live: _Live, r: Replica, drain_s: float = 30.0) -> None:
-        """Take a replica out of rotation, let its requests finish (up to
-        ``drain_s``), stop it."""
-        url = r.url
-        if url is not None:
-            live.pool.set_state(url, "paused")
-            deadline = time.monotonic() + drain_s
-            while time.monotonic() < deadline:
-                load = next((ld for ld in live.pool.loads() if ld.url == url), None)
-                if load is None or load.outstanding == 0:
-                    break
-                time.sleep(0.1)
-            live.pool.remove(url)
-        r.stop()
-
     def scale_to_zero(self, deployment_id: str) -> None:
         """Stop every replica; the configuration and the weights it served
         are kept, and :meth:`create_or_get` brings it back at them."""
@@ -1105,18 +747,6 @@ class DeploymentManager:
             self._live.pop(deployment_id, None)
         with self.store.lock(deployment_id):
             self.store.remove(deployment_id)
-
-    def _stop_live(self, live: _Live, state: str) -> None:
-        with live.lock:
-            live.closed = True
-            live.state = state
-            replicas = list(live.replicas)
-        live.pool.close()
-        for r in replicas:
-            r.cancel.set()
-        with ThreadPoolExecutor(max_workers=max(1, len(replicas))) as ex:
-            list(ex.map(lambda r: r.stop(), replicas))
-        live.notify()
 
     def close(self) -> None:
         """Stop every deployment this process owns (their state says STOPPED;
@@ -1161,16 +791,3 @@ def _mutable(config: DeploymentConfig) -> dict[str, Any]:
 def _replica_errors(info: DeploymentInfo) -> str:
     errs = [f"replica {r.index}: {r.last_error}" for r in info.replicas if r.last_error]
     return ("; " + "; ".join(errs)) if errs else ""
-
-
-def owned_pool(state_dir: str, deployment_or_model: str) -> EnginePool | None:
-    """The pool of a deployment owned by this process, by id or served name."""
-    root = str(Path(state_dir).expanduser().resolve())
-    dep = deployment_or_model.rsplit("/deployments/", 1)[-1]
-    live = _OWNED.get((root, dep))
-    if live is None:
-        for (r, _), candidate in list(_OWNED.items()):
-            if r == root and candidate.config.served_model_name == deployment_or_model:
-                live = candidate
-                break
-    return live.pool if live is not None else None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .._exceptions import EngineUnavailableError
 from ..routing import EnginePool, Route
-from ._manager import SCHEME, owned_pool
+from ._live import SCHEME, owned_pool
 from ._state import StateStore, owner_alive
 
 __all__ = ["StatePool", "deployment_pool"]

@@ -55,6 +55,8 @@ class Replica:
         #: The URL of the previous start, kept (down) in the routing pool
         #: until the restarted server joins.
         self.stale_url: str | None = None
+        #: Set by stop(): the replica left its deployment and never starts again.
+        self.retired = False
         self.cancel = threading.Event()
         self._api_key = api_key
         self._headers = headers
@@ -84,6 +86,7 @@ class Replica:
         )
 
     def stop(self, timeout: float = 30.0) -> None:
+        self.retired = True
         self.cancel.set()
         h, self.handle = self.handle, None
         if self.control is not None:

@@ -4,8 +4,6 @@
 Its methods are called through vLLM's ``/collective_rpc`` (dev mode); the
 engine facts behind them are in ``docs/ENGINE.md``:
 
-- ``rollstream_ping``: a liveness probe that goes through the engine loop
-  (a wedged engine answers ``/health`` but not this);
 - ``rollstream_model_info``: whether the model ties its embeddings;
 - ``rollstream_check_checkpoint(path)``: before a hot-load, check on the
   server's own host that ``path`` holds safetensors whose tensor names,
@@ -69,11 +67,6 @@ def _tied(model: Any) -> bool:
 class RollstreamWorkerExtension:
     """Mixed into vLLM's worker class; method names are prefixed so they can
     never clash with the worker's own."""
-
-    def rollstream_ping(self) -> dict[str, Any]:
-        from .. import __version__
-
-        return {"version": __version__, "time": time.time()}
 
     def rollstream_take_sampling_masks(self, keys: list[str]) -> dict[str, Any]:
         """Recorded masks of ``keys`` (None for unknown keys), forgotten after."""
