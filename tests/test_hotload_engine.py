@@ -4,7 +4,6 @@ transformers recomputation of the new checkpoint."""
 from __future__ import annotations
 
 import _thread
-import asyncio
 import os
 import shutil
 import threading
@@ -15,8 +14,9 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from _engine_helpers import model_dir_with, perturbed, recompute_error, sample_from
 
-from rollstream import ChatTokenizer, DeploymentSampler
+from rollstream import ChatTokenizer
 from rollstream._exceptions import HotloadError
 from rollstream.hotload import hotload
 from rollstream.snapshots import SnapshotChain, SnapshotStore
@@ -24,49 +24,10 @@ from rollstream.testing import LocalVLLM, need
 
 pytestmark = pytest.mark.engine
 
-CHAT = [{"role": "user", "content": "Tell me about weights."}]
-
-
-def perturbed(weights: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
-    """Every tensor changes, embeddings included (a large step so that a stale
-    LM head is unmistakable)."""
-    rng = np.random.default_rng(seed)
-    return {
-        k: (v + 0.3 * v.std() * rng.standard_normal(v.shape).astype(np.float32)).astype(np.float32)
-        for k, v in weights.items()
-    }
-
 
 def max_logprob_error(server: LocalVLLM, tok: ChatTokenizer, model_dir: Path) -> tuple[float, str | None]:
-    async def go() -> Any:
-        async with DeploymentSampler(
-            server.url, server.served_model_name, tokenizer=tok, endpoint="generate"
-        ) as s:
-            return await s.sample_with_tokens(CHAT, n=2, max_tokens=24, logprobs=True, seed=9)
-
-    torch, transformers = need("torch"), need("transformers")
-    samples = asyncio.run(go())
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    err = 0.0
-    for c in samples:
-        with torch.no_grad():
-            logits = model(torch.tensor([c.full_tokens])).logits[0].double()
-        lp = torch.log_softmax(logits, -1)[
-            torch.arange(len(c.full_tokens) - 1), torch.tensor(c.full_tokens[1:])
-        ]
-        ref = lp.numpy()[c.prompt_len - 1 :]
-        err = max(err, float(np.max(np.abs(np.asarray(c.inference_logprobs) - ref))))
-    return err, samples[0].weight_version
-
-
-def model_dir_with(tmp: Path, base_model: Path, weights_dir: Path) -> Path:
-    d = tmp / f"hf-{weights_dir.name}"
-    d.mkdir()
-    for f in base_model.iterdir():
-        if f.suffix == ".json":
-            shutil.copy(f, d / f.name)
-    shutil.copy(weights_dir / "model.safetensors", d / "model.safetensors")
-    return d
+    samples = sample_from(server.url, server.served_model_name, tok)
+    return recompute_error(samples, model_dir), samples[0].weight_version
 
 
 def test_delta_hotload_serves_the_new_weights(

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,48 +338,55 @@ def make_backend(backend: str | Backend, **kwargs: Any) -> Backend:
     return backend
 
 
+def _publish(dest: Path, fill: Callable[[Path], None]) -> Path:
+    """``dest`` filled by ``fill(tmp)`` in a private directory and published
+    by rename (an existing, complete ``dest`` is kept; a concurrent
+    publisher's wins)."""
+    if (dest / ".complete").exists():
+        return dest
+    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        (tmp / ".complete").write_text("")
+        os.rename(tmp, dest)
+    except OSError:
+        if not (dest / ".complete").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def view_dir(base_model: str, weights_dir: Path, dest: Path) -> Path:
     """A model directory for starting a server directly at ``weights_dir``'s
     weights: symlinks to the base model's configuration and tokenizer files
     and to the weights' safetensors (nothing is copied)."""
-    if (dest / ".complete").exists():
-        return dest
-    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    base = Path(base_model)
-    for f in base.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
-            (tmp / f.name).symlink_to(f.resolve())
-    for f in weights_dir.glob("*.safetensors"):
-        (tmp / f.name).symlink_to(f.resolve())
-    (tmp / ".complete").write_text("")
-    try:
-        os.rename(tmp, dest)
-    except OSError:
-        import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    def fill(tmp: Path) -> None:
+        for f in Path(base_model).iterdir():
+            if (
+                f.is_file()
+                and not f.name.endswith(".safetensors")
+                and f.name != "model.safetensors.index.json"
+            ):
+                (tmp / f.name).symlink_to(f.resolve())
+        for f in weights_dir.glob("*.safetensors"):
+            (tmp / f.name).symlink_to(f.resolve())
+
+    return _publish(dest, fill)
 
 
 def link_dir(src: Path, dest: Path) -> Path:
     """``dest`` holding hard links to the ``*.safetensors`` of ``src`` (copies
     across filesystems), published by rename; an existing ``dest`` is kept."""
-    if (dest / ".complete").exists():
-        return dest
-    import shutil
 
-    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in Path(src).glob("*.safetensors"):
-        try:
-            os.link(f, tmp / f.name)
-        except OSError:
-            shutil.copyfile(f, tmp / f.name)
-    (tmp / ".complete").write_text("")
-    try:
-        os.rename(tmp, dest)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    def fill(tmp: Path) -> None:
+        for f in Path(src).glob("*.safetensors"):
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copyfile(f, tmp / f.name)
+
+    return _publish(dest, fill)

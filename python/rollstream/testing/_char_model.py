@@ -14,7 +14,6 @@ over the vocabulary), deterministic by seed.
 
 from __future__ import annotations
 
-import json
 import os
 import string
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ._model import write_safetensors
+from ._model import write_model_dir
 
 __all__ = ["CHAR_TEMPLATE", "CharModelSpec", "char_model"]
 
@@ -173,25 +172,12 @@ def char_model(path: str | os.PathLike[str], seed: int = 0) -> Path:
     """Write the character-level model to ``path`` (created if missing) and
     return it. Deterministic by ``seed``; an existing directory written by the
     same version and seed is reused."""
-    out = Path(path)
-    stamp = out / ".rollstream-char-model.json"
-    want = {"spec": SPEC_VERSION, "seed": seed}
-    if stamp.exists():
-        try:
-            if json.loads(stamp.read_text()) == want:
-                return out
-        except json.JSONDecodeError:
-            pass
-    out.mkdir(parents=True, exist_ok=True)
-
-    def dump(name: str, obj: Any) -> None:
-        (out / name).write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-
-    dump("config.json", _config())
-    dump("generation_config.json", {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0})
-    dump("tokenizer_config.json", _tokenizer_config())
-    dump("special_tokens_map.json", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
-    dump("tokenizer.json", _tokenizer())
-    write_safetensors(out / "model.safetensors", _weights(seed))
-    dump(".rollstream-char-model.json", want)
-    return out
+    files = lambda: {  # noqa: E731 - evaluated only when writing
+        "config.json": _config(),
+        "generation_config.json": {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0},
+        "tokenizer_config.json": _tokenizer_config(),
+        "special_tokens_map.json": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+        "tokenizer.json": _tokenizer(),
+    }
+    stamp = {"model": "char", "spec": SPEC_VERSION, "seed": seed}
+    return write_model_dir(path, stamp, files, lambda: _weights(seed))

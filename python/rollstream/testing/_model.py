@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -313,31 +314,47 @@ def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, np.ndarra
     _core.write_safetensors(path, parts, {"format": "pt"})
 
 
+def write_model_dir(
+    path: str | os.PathLike[str],
+    stamp: dict[str, Any],
+    files: Callable[[], dict[str, Any]],
+    weights: Callable[[], dict[str, np.ndarray]],
+) -> Path:
+    """Write a model directory (``files()``: name -> JSON document, then
+    ``weights()``) unless ``path`` already holds one with the same
+    ``stamp``; the stamp is written last, so a half-written directory is
+    rewritten. Both are called only when writing."""
+    out = Path(path)
+    stamp_file = out / ".rollstream-model.json"
+    if stamp_file.exists():
+        try:
+            if json.loads(stamp_file.read_text()) == stamp:
+                return out
+        except json.JSONDecodeError:
+            pass
+    out.mkdir(parents=True, exist_ok=True)
+    for name, obj in files().items():
+        (out / name).write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    write_safetensors(out / "model.safetensors", weights())
+    stamp_file.write_text(json.dumps(stamp) + "\n")
+    return out
+
+
 def tiny_model(path: str | os.PathLike[str], seed: int = 0) -> Path:
     """Write the tiny model to ``path`` (created if missing) and return it.
 
     Deterministic: the same ``seed`` gives byte-identical weights. Idempotent:
     an existing directory written by the same version and seed is reused.
     """
-    out = Path(path)
-    stamp = out / ".rollstream-tiny-model.json"
-    want = {"spec": SPEC_VERSION, "seed": seed}
-    if stamp.exists():
-        try:
-            if json.loads(stamp.read_text()) == want:
-                return out
-        except json.JSONDecodeError:
-            pass
-    out.mkdir(parents=True, exist_ok=True)
+    stamp = {"model": "tiny", "spec": SPEC_VERSION, "seed": seed}
 
-    def dump(name: str, obj: Any) -> None:
-        (out / name).write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    def files() -> dict[str, Any]:
+        return {
+            "config.json": _config(),
+            "generation_config.json": _generation_config(),
+            "tokenizer_config.json": _tokenizer_config(),
+            "special_tokens_map.json": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+            "tokenizer.json": tokenizer_json(),
+        }
 
-    dump("config.json", _config())
-    dump("generation_config.json", _generation_config())
-    dump("tokenizer_config.json", _tokenizer_config())
-    dump("special_tokens_map.json", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json(), ensure_ascii=False), encoding="utf-8")
-    write_safetensors(out / "model.safetensors", _weights(seed))
-    dump(".rollstream-tiny-model.json", want)
-    return out
+    return write_model_dir(path, stamp, files, lambda: _weights(seed))
