@@ -147,7 +147,7 @@ def parse_mask_reply(body: bytes, key: str, request_id: str) -> SamplingMask:
 #: Masks of attempts that finish within this many seconds of each other on
 #: one server are fetched with one request (a step's hundreds of samples
 #: would otherwise cost hundreds of control calls).
-COALESCE_S = 0.002
+COALESCE_S = 0.005
 #: At most this many keys per request.
 MAX_KEYS = 256
 
