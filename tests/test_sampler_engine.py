@@ -173,7 +173,7 @@ def test_client_errors_raise_at_once_and_hide_the_api_key(
     assert "sk-very-secret" not in text
 
 
-def test_aborted_generations_are_retried_not_returned(
+def test_aborted_generations_are_continued_not_returned(
     vllm_server: LocalVLLM, tokenizer: ChatTokenizer
 ) -> None:
     s = sampler(vllm_server, tokenizer, retry=RetryPolicy(base=0.1))
@@ -194,6 +194,14 @@ def test_aborted_generations_are_retried_not_returned(
     m = s.metrics
     assert m.aborted_retried >= 1
     assert m.retry_reasons.get("abort", 0) >= 1
+    # What was generated before the abort is kept, not generated again.
+    assert m.continued_tokens >= 1
+    assert any(c.attempts >= 2 for c in out)
+    for c in out:
+        assert c.full_tokens[: c.prompt_len] == c.prompt_tokens
+        assert c.completion_ids.tolist() == c.full_tokens[c.prompt_len :]
+        if c.attempts >= 2:  # continued: the text is decoded from all the ids
+            assert c.text == tokenizer.decode(c.completion_ids.tolist(), skip_special_tokens=True)
 
 
 def test_generate_endpoint_reports_weight_version(vllm_server: LocalVLLM, tokenizer: ChatTokenizer) -> None:

@@ -270,6 +270,8 @@ class SamplerMetrics:
     retries: int = 0
     failures: int = 0
     aborted_retried: int = 0
+    #: Tokens kept from aborted attempts and continued (not generated again).
+    continued_tokens: int = 0
     #: Samples not requested because the prompt alone reaches max_seq_len.
     dropped_prompt_too_long: int = 0
     #: Samples dropped after generation for exceeding max_seq_len.

@@ -13,6 +13,7 @@ import base64
 import itertools
 import logging
 from dataclasses import dataclass
+from dataclasses import replace as dataclasses_replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,7 +23,15 @@ from ._http import StreamFailure, StreamOk
 from ._models import SampledCompletion, ServerMetrics
 from .streams import StreamChoice, StreamResult, TopLogprobs
 
-__all__ = ["ReplyMismatch", "Wanted", "completion", "failure_metrics", "response_dict", "success_metrics"]
+__all__ = [
+    "ReplyMismatch",
+    "Wanted",
+    "completion",
+    "failure_metrics",
+    "join_pieces",
+    "response_dict",
+    "success_metrics",
+]
 
 log = logging.getLogger("rollstream.sampler")
 
@@ -286,3 +295,93 @@ def response_dict(result: StreamResult, c: SampledCompletion) -> dict[str, Any]:
             usage["prompt_tokens_details"] = {"cached_tokens": u.cached_tokens}
         out["usage"] = usage
     return out
+
+
+def _join_csr(parts: list[TopLogprobs | None]) -> TopLogprobs | None:
+    if any(p is None for p in parts):
+        return None
+    tops = [p for p in parts if p is not None]
+    if any(t.token_ids is None for t in tops) and not all(t.token_ids is None for t in tops):
+        return None
+    offsets = [np.zeros(1, np.int64)]
+    token_offsets = [np.zeros(1, np.int64)]
+    base = tbase = 0
+    for t in tops:
+        offsets.append(t.offsets[1:] + base)
+        token_offsets.append(t.token_offsets[1:] + tbase)
+        base += int(t.offsets[-1])
+        tbase += int(t.token_offsets[-1]) if len(t.token_offsets) else 0
+    ids = None if tops[0].token_ids is None else np.concatenate([t.token_ids for t in tops])
+    return TopLogprobs(
+        offsets=np.concatenate(offsets),
+        logprobs=np.concatenate([t.logprobs for t in tops]),
+        token_ids=ids,
+        token_bytes=b"".join(t.token_bytes for t in tops),
+        token_offsets=np.concatenate(token_offsets),
+    )
+
+
+def _join_lists(parts: list[list[Any] | None]) -> list[Any] | None:
+    if any(p is None for p in parts):
+        return None
+    return [x for p in parts for x in p]  # type: ignore[union-attr]
+
+
+def join_pieces(prompt: list[int], pieces: list[SampledCompletion], decode: Any = None) -> SampledCompletion:
+    """One sample from the pieces of a generation that was aborted and
+    continued (each piece's prompt is ``prompt`` plus the ids of the pieces
+    before it): ids, logprobs, candidates, masks and routed experts are
+    concatenated, weight-version spans shifted to the whole completion, and
+    the text decoded from all the ids (``decode(ids) -> str``; without it,
+    the pieces' texts are joined)."""
+    from .masks import SamplingMask
+    from .streams import WeightVersionSpan
+
+    last = pieces[-1]
+    ids = np.concatenate([p.completion_ids for p in pieces]).astype(np.int64, copy=False)
+    spans: list[WeightVersionSpan] = []
+    shift = 0
+    for p in pieces:
+        for s in p.weight_versions:
+            prev = spans[-1] if spans else None
+            if prev is not None and prev.version == s.version and prev.end == s.start + shift:
+                spans[-1] = WeightVersionSpan(s.version, prev.start, s.end + shift)
+            else:
+                spans.append(WeightVersionSpan(s.version, s.start + shift, s.end + shift))
+        shift += p.completion_len
+    names = {s.version for s in spans}
+    lps = [p.completion_logprobs for p in pieces]
+    mask = None
+    if all(p.sampling_mask is not None for p in pieces):
+        masks = [p.sampling_mask for p in pieces]
+        offs = [np.zeros(1, np.int64)]
+        base = 0
+        for m in masks:
+            assert m is not None
+            offs.append(m.offsets[1:] + base)
+            base += int(m.offsets[-1])
+        mask = SamplingMask(
+            np.concatenate([m.token_ids for m in masks if m is not None]), np.concatenate(offs)
+        )
+    experts = [p.routed_experts for p in pieces]
+    text = decode(ids.tolist()) if decode is not None else "".join(p.text for p in pieces)
+    return dataclasses_replace(
+        last,
+        text=text,
+        full_tokens=prompt + ids.tolist(),
+        prompt_len=len(prompt),
+        completion_len=len(ids),
+        inference_logprobs=_join_lists([p.inference_logprobs for p in pieces]),
+        sampling_logprobs=_join_lists([p.sampling_logprobs for p in pieces]),
+        routing_matrices=_join_lists([p.routing_matrices for p in pieces]),
+        inference_topk_token_ids=_join_lists([p.inference_topk_token_ids for p in pieces]),
+        inference_topk_logprobs=_join_lists([p.inference_topk_logprobs for p in pieces]),
+        top_logprobs=_join_csr([p.top_logprobs for p in pieces]),
+        routed_experts=None if any(e is None for e in experts) else np.concatenate(experts),  # type: ignore[arg-type]
+        sampling_mask=mask,
+        weight_versions=tuple(spans),
+        weight_version=None if not names else (next(iter(names)) if len(names) == 1 else "mixed"),
+        completion_ids=ids,
+        completion_logprobs=None if any(x is None for x in lps) else np.concatenate(lps),  # type: ignore[arg-type]
+        attempts=last.attempts,
+    )

@@ -46,7 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._control import ControlClient, MaskFetchFailed, fit_mask
-from ._endpoints import ENDPOINTS, encode, sample_seed
+from ._endpoints import ENDPOINTS, SampleParams, encode, sample_seed
 from ._exceptions import (
     DeadlineExceededError,
     SamplingError,
@@ -70,6 +70,7 @@ from ._results import (
     Wanted,
     completion,
     failure_metrics,
+    join_pieces,
     response_dict,
     success_metrics,
 )
@@ -192,6 +193,17 @@ def _run_sync(coro: Coroutine[Any, Any, T], transport: Transport) -> T:
             await transport.release_loop()
 
     return asyncio.run(scoped())
+
+
+def _continued(params: SampleParams, generated: int) -> SampleParams:
+    """The request that continues a generation after ``generated`` tokens."""
+    if not generated:
+        return params
+    extra = dict(params.extra)
+    min_tokens = extra.get("min_tokens")
+    if isinstance(min_tokens, int) and not isinstance(min_tokens, bool):
+        extra["min_tokens"] = max(0, min_tokens - generated)
+    return replace(params, max_tokens=max(1, params.max_tokens - generated), extra=extra)
 
 
 def _check_prompt(ids: Sequence[int] | npt.NDArray[np.integer[Any]]) -> list[int]:
@@ -702,28 +714,54 @@ class DeploymentSampler:
         self, prompt: list[int], opts: CallOptions, logical_id: str, index: int, deadline: float
     ) -> SampledRequestResult:
         """One logical request (one sample): attempts until one succeeds, a
-        failure is final, or the attempts or the deadline run out."""
+        failure is final, or the attempts or the deadline run out.
+
+        A generation the server aborts (``/pause?mode=abort``, an engine
+        taken away) is continued, not restarted: the next attempt sends the
+        prompt plus the tokens generated so far with ``max_tokens`` reduced,
+        and the pieces are joined into one sample (ids, logprobs, masks,
+        weight-version spans per token, text decoded from the ids).
+        Continuations do not use up the retry budget."""
         started = time.monotonic()
         params = opts.params(len(prompt), index)
-        body = self._endpoint.body(self.model, prompt, params)
         headers = self._request_headers(logical_id, opts)
         records: list[SampledServerAttempt] = []
+        pieces: list[SampledCompletion] = []
+        generated = 0
+        failures = 0
         last: Verdict | None = None
-        for attempt in range(1, self.retry.max_attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             if time.monotonic() >= deadline:
                 raise self._deadline_error(logical_id, records, opts, last)
+            sent = prompt if not pieces else prompt + [t for p in pieces for t in p.completion_ids.tolist()]
+            body = self._endpoint.body(self.model, sent, _continued(params, generated))
             payload = self._payload(body, opts, logical_id, attempt)
             try:
                 a = await self._attempt(
-                    prompt, payload, headers, opts, logical_id, attempt, deadline, self._controller
+                    sent, payload, headers, opts, logical_id, attempt, deadline, self._controller
                 )
             except asyncio.CancelledError as e:
                 records.append(SampledServerAttempt(index=attempt, outcome="cancelled"))
                 e.server_attempts = tuple(records)  # type: ignore[attr-defined]
                 raise
             records.append(a.record())
+            v = a.verdict
+            if a.completion is not None and v is not None and v.reason == "abort":
+                # Keep what was generated; the next attempt continues from it.
+                pieces.append(a.completion)
+                generated += a.completion.completion_len
+                with self._lock:
+                    self._counters.continued_tokens += a.completion.completion_len
+                    self._counters.retries += 1
+                    self._counters.retry_reasons["abort"] = self._counters.retry_reasons.get("abort", 0) + 1
+                last = v
+                continue
             if a.completion is not None:
                 c = a.completion
+                if pieces:
+                    c = join_pieces(prompt, [*pieces, c], self._decoder())
                 kept = [c]
                 if opts.max_seq_len is not None and len(c.full_tokens) > opts.max_seq_len:
                     self._count(dropped_over_length=1)
@@ -737,10 +775,10 @@ class DeploymentSampler:
                     upstream_response_id=a.result.request_id if a.result is not None else None,
                     server_attempts=tuple(records),
                 )
-            v = a.verdict
             assert v is not None
             last = v
-            if not v.retry or attempt == self.retry.max_attempts:
+            failures += 1
+            if not v.retry or failures >= self.retry.max_attempts:
                 notify = getattr(self._controller, "note_retry_exhausted", None)
                 if callable(notify):
                     notify(a.feedback)
@@ -748,12 +786,19 @@ class DeploymentSampler:
             with self._lock:
                 self._counters.retries += 1
                 self._counters.retry_reasons[v.reason] = self._counters.retry_reasons.get(v.reason, 0) + 1
-            delay = min(self.retry.delay(attempt - 1, v.retry_after), max(0.0, deadline - time.monotonic()))
+            if v.reason == "abort":
+                continue  # a pause: the pool holds the next attempt, the engine queues it
+            delay = min(self.retry.delay(failures - 1, v.retry_after), max(0.0, deadline - time.monotonic()))
             log.info(
                 "request %s attempt %d failed (%s); retrying in %.2f s", logical_id, attempt, v.message, delay
             )
             await asyncio.sleep(delay)  # no concurrency slot held while sleeping
-        raise AssertionError("unreachable")
+
+    def _decoder(self) -> Any:
+        tok = self.tokenizer
+        if tok is None:
+            return None
+        return lambda ids: tok.decode(ids, skip_special_tokens=True)
 
     async def _attempt(
         self,
@@ -846,6 +891,7 @@ class DeploymentSampler:
         )
         a.metrics = a.feedback = metrics
         v = None
+        partial = False
         if result.error is not None:
             v = classify_stream_error(result.error)
             a.metrics = a.feedback = replace(
@@ -855,7 +901,10 @@ class DeploymentSampler:
             v = protocol_error(f"expected 1 choice in the stream, got {len(result.choices)}")
         elif result.choices[0].finish_reason == "abort":
             self._count(aborted_retried=1)
-            v = aborted(len(result.choices[0]))
+            if opts.echo_wanted or len(result.choices[0]) == 0:
+                v = aborted(len(result.choices[0]))  # nothing to continue from: sent again
+            else:
+                partial = True
         elif result.choices[0].finish_reason is None:
             v = protocol_error("the stream ended with [DONE] but without a finish_reason")
         if v is not None:
@@ -891,6 +940,9 @@ class DeploymentSampler:
         except ReplyMismatch as e:
             a.verdict = protocol_error(str(e), e.excerpt)
             a.metrics = replace(metrics, error=str(e)[:200])
+            return
+        if partial:
+            a.verdict = aborted(a.completion.completion_len)
             return
         self._count(
             samples=1,
