@@ -7,11 +7,18 @@ in the foreground (Ctrl-C stops the replicas; the deployment is kept and
 ``create`` again restarts it at its weights), or with ``--detach`` in a
 background process that ends when the deployment is deleted or scaled to
 zero. Every other command works from any shell.
+
+``rollstream serve`` puts an OpenAI-compatible endpoint
+(:class:`~rollstream.inference.OpenAIServer`) in front of engines given by
+URL (``--engine``) or of a deployment's replicas (``--deployment``), until
+Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -265,6 +272,122 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_model_card(url: str) -> dict[str, Any]:
+    """The first model an engine serves, from its ``/v1/models``."""
+    import httpx
+
+    try:
+        reply = httpx.get(url.rstrip("/") + "/v1/models", timeout=10.0)
+        reply.raise_for_status()
+        cards = reply.json().get("data") or []
+    except (httpx.HTTPError, ValueError, AttributeError) as e:
+        raise SystemExit(f"cannot list the models of {url}: {e}; pass --model and --tokenizer") from None
+    if not cards or not isinstance(cards[0], dict):
+        raise SystemExit(f"{url}/v1/models lists no model; pass --model and --tokenizer")
+    return dict(cards[0])
+
+
+class _ServeTarget:
+    """What ``serve`` puts its endpoint in front of."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.manager: Any = None
+        self.engines: Any
+        model, tokenizer = args.model, args.tokenizer
+        if args.deployment:
+            self.manager = _manager(args)
+            info = self.manager.get(args.deployment)
+            if info is None:
+                raise SystemExit(f"no deployment {args.deployment!r} in {self.manager.state_dir}")
+            if not info.replica_urls:
+                raise SystemExit(
+                    f"deployment {args.deployment!r} has no READY replica ({_replicas_line(info)}); "
+                    f"`rollstream deploy create {args.deployment} ...` starts it"
+                )
+            # The deployment itself, not its current URLs: the client follows
+            # its replicas through restarts and hot-loads.
+            self.engines = info
+            first_url = info.replica_urls[0]
+            self.described = f"deployment {args.deployment!r} ({len(info.replica_urls)} replica(s) ready)"
+            model = model or info.inference_model
+            if tokenizer is None and info.base_model and Path(info.base_model).is_dir():
+                tokenizer = info.base_model
+        else:
+            self.engines = [u.rstrip("/") for u in args.engine]
+            first_url = self.engines[0]
+            self.described = f"{len(self.engines)} engine(s)"
+        if model is None or tokenizer is None:
+            card = _engine_model_card(first_url)
+            model = model or card.get("id")
+            root = card.get("root")
+            if tokenizer is None and isinstance(root, str) and Path(root).is_dir():
+                tokenizer = root
+        if not model:
+            raise SystemExit("no served model name: pass --model")
+        if tokenizer is None:
+            raise SystemExit(f"the engines' model {model!r} is not a local directory: pass --tokenizer PATH")
+        self.model = str(model)
+        self.tokenizer = str(tokenizer)
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.close()
+
+
+async def _serve(args: argparse.Namespace, target: _ServeTarget) -> None:
+    from .inference import InferenceEngineClient
+    from .inference._server import DEFAULT_MAX_BODY_BYTES, OpenAIServer
+
+    api_key = args.api_key or os.environ.get("ROLLSTREAM_SERVE_API_KEY") or None
+    client = InferenceEngineClient(
+        target.engines, target.tokenizer, target.model, deployment_manager=target.manager
+    )
+    try:
+        server = OpenAIServer(
+            client,
+            host=args.host,
+            port=args.port,
+            api_key=api_key,
+            allow_remote=args.allow_remote,
+            max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+            close_client=True,
+        )
+    except BaseException:
+        await client.teardown()
+        raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # no signal handlers on this platform
+            loop.add_signal_handler(signum, stop.set)
+    try:
+        await server.start()
+        print(f"{server.url}/v1", flush=True)
+        auth = ", bearer token required" if api_key else ""
+        print(
+            f"serving {target.model!r} from {target.described}{auth}; Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    target = _ServeTarget(args)
+    try:
+        asyncio.run(_serve(args, target))
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        print(f"rollstream: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        target.close()
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rollstream", description="rollstream: vLLM deployments for RL trainers")
     sub = p.add_subparsers(dest="command", required=True)
@@ -325,6 +448,33 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("deployment_id")
     common(d)
     d.set_defaults(fn=cmd_delete)
+
+    sv = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible endpoint (/v1/chat/completions, /v1/completions, /v1/models)",
+        description="Serve OpenAI's API in front of vLLM engines; a session (the X-Session-ID header "
+        "or the body's session_id) stays on one engine. Prints the API root URL on stdout; runs "
+        "until Ctrl-C. (A trainer that needs each turn's token ids runs OpenAIServer in its own "
+        "process and reads them with pop_session.)",
+    )
+    target = sv.add_mutually_exclusive_group(required=True)
+    target.add_argument("--engine", action="append", metavar="URL", help="a vLLM server (repeatable)")
+    target.add_argument("--deployment", metavar="ID", help="the READY replicas of a deployment")
+    sv.add_argument("--state-dir", default=None, help="state directory of --deployment")
+    sv.add_argument("--model", default=None, help="served model name (default: the engines')")
+    sv.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the engines' model)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    sv.add_argument("--port", type=int, default=8100, help="port to listen on (0: any free port)")
+    sv.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer <key>' (default: $ROLLSTREAM_SERVE_API_KEY)",
+    )
+    sv.add_argument(
+        "--allow-remote", action="store_true", help="listen on a non-loopback host without an API key"
+    )
+    sv.add_argument("--max-body-bytes", type=int, default=None, help="request body cap (default: 16 MiB)")
+    sv.set_defaults(fn=cmd_serve)
     return p
 
 

@@ -14,6 +14,7 @@
 from ._client import InferenceEngineClient
 from ._generators import Environment, MultiTurnGenerator, SingleTurnGenerator, StepResult, Trajectory
 from ._openai import parse_tool_calls
+from ._server import OpenAIServer, ServerThread, Turn
 from ._types import (
     ConversationType,
     GeneratorInput,
@@ -35,8 +36,11 @@ __all__ = [
     "InferenceEngineInterface",
     "InferenceEngineOutput",
     "MultiTurnGenerator",
+    "OpenAIServer",
+    "ServerThread",
     "SingleTurnGenerator",
     "StepResult",
     "Trajectory",
+    "Turn",
     "parse_tool_calls",
 ]
