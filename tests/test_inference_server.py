@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 import numpy as np
@@ -26,10 +26,12 @@ from _require import require
 
 from rollstream import RequestRejectedError, SamplingRequestError
 from rollstream._exceptions import DeploymentSamplerTimeoutError, EngineUnavailableError
+from rollstream.inference import fetch_session
 from rollstream.inference._server import OpenAIServer, ServerThread, Turn
 from rollstream.streams import WeightVersionSpan
 
 MODEL = "stand-in-model"
+SESSIONS = "/rollstream/sessions"
 CHAT = [{"role": "user", "content": "hi"}]
 TOOL_CALL = {
     "id": "call_1",
@@ -42,14 +44,22 @@ class StandInClient:
     """Answers shaped like ``InferenceEngineClient``'s: OpenAI objects with
     ``prompt_token_ids`` and per choice ``token_ids``, ``token_logprobs``,
     ``weight_versions``. ``error`` is raised instead of answering; ``delay``
-    seconds pass before an answer."""
+    seconds pass before an answer; ``token_logprobs`` are every choice's
+    (None: the request asked for none)."""
 
     model_name = MODEL
 
-    def __init__(self, *, error: BaseException | None = None, delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        error: BaseException | None = None,
+        delay: float = 0.0,
+        token_logprobs: tuple[float, ...] | None = (-0.5, -0.25, -0.125),
+    ) -> None:
         self.payloads: list[dict[str, Any]] = []
         self.error = error
         self.delay = delay
+        self.token_logprobs = None if token_logprobs is None else list(token_logprobs)
         self.started = threading.Event()
         self.cancelled = threading.Event()
         self.torn_down = False
@@ -66,11 +76,10 @@ class StandInClient:
             raise self.error
         return int(payload.get("n") or 1)
 
-    @staticmethod
-    def _extras(i: int) -> dict[str, Any]:
+    def _extras(self, i: int) -> dict[str, Any]:
         return {
             "token_ids": [10 + i, 11, 12],
-            "token_logprobs": [-0.5, -0.25, -0.125],
+            "token_logprobs": self.token_logprobs,
             "weight_versions": [["v1", 0, 2], ["v2", 2, 3]],
         }
 
@@ -594,6 +603,8 @@ def test_the_session_record_keeps_the_most_recently_used_sessions(stand_in: Stan
         assert len(server.session_turns("a")) == 2
         assert server.session_turns("b") == []
         assert server.sessions_evicted == 1
+        listing = httpx.get(served.url + SESSIONS, timeout=30).json()
+        assert listing == {"object": "list", "data": ["a", "c"], "evicted": 1}
 
 
 def test_turns_are_read_only_values() -> None:
@@ -609,6 +620,224 @@ def test_turns_are_read_only_values() -> None:
         a.response_ids[0] = 5
     with pytest.raises(TypeError):
         hash(a)
+
+
+# -- the record of sessions over HTTP ------------------------------------------------------------
+
+
+def get(url: str, path: str, **kw: Any) -> httpx.Response:
+    return httpx.get(url + path, timeout=30.0, **kw)
+
+
+def delete(url: str, path: str, **kw: Any) -> httpx.Response:
+    return httpx.delete(url + path, timeout=30.0, **kw)
+
+
+def test_sessions_over_http_list_get_and_delete(served: ServerThread) -> None:
+    server = served.server
+    chat = {"model": MODEL, "messages": CHAT}
+    assert post(served.url, "/v1/chat/completions", chat, headers={"X-Session-ID": "a"}).status_code == 200
+    assert post(served.url, "/v1/completions", {"prompt": "x", "n": 2, "session_id": "a"}).status_code == 200
+    assert post(served.url, "/v1/completions", {"prompt": "x", "session_id": "b"}).status_code == 200
+
+    r = get(served.url, SESSIONS)
+    assert r.status_code == 200
+    assert r.json() == {"object": "list", "data": ["a", "b"], "evicted": 0}
+
+    r = get(served.url, SESSIONS + "/a")
+    assert r.status_code == 200
+    record = r.json()
+    assert record["id"] == "a"
+    assert record["turns"][0] == {
+        "index": 0,
+        "endpoint": "chat.completions",
+        "prompt_ids": [1, 2, 3, 4],
+        "response_ids": [10, 11, 12],
+        "logprobs": [-0.5, -0.25, -0.125],
+        "finish_reason": "stop",
+        "weight_versions": [["v1", 0, 2], ["v2", 2, 3]],
+        "response_id": "chatcmpl-1",
+    }
+    assert [
+        (t["endpoint"], t["index"], t["prompt_ids"], t["response_ids"], t["finish_reason"], t["response_id"])
+        for t in record["turns"][1:]
+    ] == [
+        ("completions", 0, [5, 6], [10, 11, 12], "length", "cmpl-1"),
+        ("completions", 1, [5, 6], [11, 11, 12], "length", "cmpl-1"),
+    ]
+
+    # GET leaves the record; DELETE answers the same and takes it.
+    assert get(served.url, SESSIONS + "/a").json() == record
+    assert len(server.session_turns("a")) == 3
+    r = delete(served.url, SESSIONS + "/a")
+    assert (r.status_code, r.json()) == (200, record)
+    assert server.session_ids() == ["b"]
+    assert get(served.url, SESSIONS).json()["data"] == ["b"]
+    for method in (get, delete):
+        r = method(served.url, SESSIONS + "/a")
+        assert r.status_code == 404
+        error = error_of(r)
+        assert (error["code"], error["param"]) == ("session_not_found", "session_id")
+        assert "'a'" in error["message"]
+    # A later turn of a taken session starts a new record.
+    assert post(served.url, "/v1/completions", {"prompt": "x", "session_id": "a"}).status_code == 200
+    assert [t["endpoint"] for t in get(served.url, SESSIONS + "/a").json()["turns"]] == ["completions"]
+
+
+@pytest.mark.parametrize("session", ["ep/7", "a b?c=d#e&f", "100%", "%41", "a+b", "é-ü", "..", ".", "7"])
+def test_session_ids_are_percent_decoded_from_the_path(served: ServerThread, session: str) -> None:
+    assert post(served.url, "/v1/completions", {"prompt": "x", "session_id": session}).status_code == 200
+    assert get(served.url, SESSIONS).json()["data"] == [session]
+    escaped = quote(session, safe="").replace(".", "%2E")
+    r = get(served.url, f"{SESSIONS}/{escaped}")
+    assert r.status_code == 200
+    assert r.json()["id"] == session
+    assert len(r.json()["turns"]) == 1
+    expected = served.server.session_turns(session)
+    assert fetch_session(served.url, session) == expected
+    assert served.server.session_ids() == []
+
+
+def test_session_paths_in_raw_forms(served: ServerThread) -> None:
+    session = "ep/é 1"
+    assert post(served.url, "/v1/completions", {"prompt": "x", "session_id": session}).status_code == 200
+
+    def ask(target: bytes) -> tuple[int, dict[str, Any]]:
+        raw = exchange(served.url, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        head, _, body = raw.partition(b"\r\n\r\n")
+        return int(head.split()[1]), json.loads(body)
+
+    # Lower-case escapes, UTF-8 and "/" sent unescaped, a query (not part of the id).
+    for target in (
+        b"/rollstream/sessions/ep%2f%c3%a9%201",
+        b"/rollstream/sessions/ep/\xc3\xa9%201",
+        b"/rollstream/sessions/ep%2F%C3%A9%201?pop=1",
+    ):
+        status, body = ask(target)
+        assert (status, body["id"]) == (200, session), target
+    status, body = ask(b"/rollstream/sessions/%ff")
+    assert status == 400
+    assert "not percent-encoded UTF-8" in body["error"]["message"]
+    status, body = ask(b"/rollstream/sessions/")
+    assert status == 400
+    assert "empty" in body["error"]["message"]
+    status, body = ask(b"/rollstream/sessions/ep%2F%C3%A9")
+    assert (status, body["error"]["code"]) == (404, "session_not_found")
+
+
+def test_the_session_routes_allow_get_and_delete_only(served: ServerThread) -> None:
+    for method in ("POST", "DELETE", "PUT"):
+        r = httpx.request(method, served.url + SESSIONS, content=b"{}", timeout=30)
+        assert (r.status_code, r.headers["allow"]) == (405, "GET"), method
+        assert error_of(r)["code"] == "method_not_allowed"
+    for method in ("POST", "PUT", "PATCH"):
+        r = httpx.request(method, served.url + SESSIONS + "/s", content=b"{}", timeout=30)
+        assert (r.status_code, r.headers["allow"]) == (405, "GET, DELETE"), method
+        assert "GET or DELETE" in error_of(r)["message"]
+
+
+def test_the_session_routes_take_no_body(served: ServerThread) -> None:
+    assert post(served.url, "/v1/completions", {"prompt": "x", "session_id": "s"}).status_code == 200
+    parts = urlsplit(served.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as s:
+        f = s.makefile("rb")
+        body = b'{"pop": false}'
+        s.sendall(
+            b"DELETE /rollstream/sessions/s HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        status, headers, answer = read_response(f)
+        assert status == 400
+        assert "takes no body" in json.loads(answer)["error"]["message"]
+        # The body was read: the connection goes on. An empty body is no body.
+        assert headers["connection"] == "keep-alive"
+        s.sendall(b"GET /rollstream/sessions/s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        status, _, answer = read_response(f)
+        assert (status, len(json.loads(answer)["turns"])) == (200, 1)
+    assert served.server.session_ids() == ["s"]  # the refused DELETE took nothing
+
+
+def test_the_session_routes_need_the_api_key_when_set() -> None:
+    with OpenAIServer(StandInClient(), api_key="s3cret-key").serve_in_thread() as served:
+        key = {"Authorization": "Bearer s3cret-key"}
+        body = {"prompt": "x", "session_id": "s"}
+        assert post(served.url, "/v1/completions", body, headers=key).status_code == 200
+        for method, path in ((get, SESSIONS), (get, SESSIONS + "/s"), (delete, SESSIONS + "/s")):
+            r = method(served.url, path)
+            assert r.status_code == 401
+            assert error_of(r)["code"] == "invalid_api_key"
+            assert method(served.url, path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert served.server.session_ids() == ["s"]  # nothing taken without the key
+        with pytest.raises(RuntimeError, match="HTTP 401: no API key"):
+            fetch_session(served.url, "s")
+        with pytest.raises(RuntimeError, match="HTTP 401: incorrect API key"):
+            fetch_session(served.url, "s", api_key="wrong")
+        assert get(served.url, SESSIONS, headers=key).json()["data"] == ["s"]
+        assert len(fetch_session(served.url, "s", api_key="s3cret-key")) == 1
+
+
+def test_fetch_session_returns_the_recorded_turns_once() -> None:
+    stand_in = StandInClient(token_logprobs=(float("nan"), -0.25, -0.1))
+    with OpenAIServer(stand_in).serve_in_thread() as served:
+        session = "episode/1"
+        chat = {"model": MODEL, "messages": CHAT, "session_id": session}
+        assert post(served.url, "/v1/chat/completions", chat).status_code == 200
+        assert (
+            post(served.url, "/v1/completions", {"prompt": "x", "n": 2, "session_id": session}).status_code
+            == 200
+        )
+        expected = served.server.session_turns(session)
+        assert len(expected) == 3
+        assert expected[0].logprobs is not None
+        assert np.isnan(expected[0].logprobs[0])
+        # JSON has no NaN: null on the wire, NaN again in the Turn.
+        wire = get(served.url, f"{SESSIONS}/{quote(session, safe='')}").text
+        assert '"logprobs":[null,-0.25,' in wire
+        assert "NaN" not in wire
+
+        peeked = fetch_session(served.url, session, pop=False)
+        assert peeked == expected
+        assert peeked[0] != expected[1]  # the comparison sees the differences
+        for turn in peeked:
+            assert (turn.prompt_ids.dtype, turn.response_ids.dtype) == (np.int64, np.int64)
+            assert turn.logprobs is not None
+            assert turn.logprobs.dtype == np.float32
+            with pytest.raises(ValueError, match="read-only"):
+                turn.response_ids[0] = 5
+        assert served.server.session_ids() == [session]
+
+        # pop (the default) takes them; the API root works as the URL too.
+        assert fetch_session(served.url + "/v1/", session) == expected
+        assert served.server.session_ids() == []
+        with pytest.raises(LookupError, match="episode/1"):
+            fetch_session(served.url, session)
+        with pytest.raises(LookupError, match="never-seen"):
+            fetch_session(served.url, "never-seen", pop=False)
+        # A 404 from a wrong URL is not an unknown session.
+        with pytest.raises(RuntimeError, match="HTTP 404: no route"):
+            fetch_session(served.url + "/elsewhere", "s")
+        with pytest.raises(ValueError, match="empty"):
+            fetch_session(served.url, "")
+        url = served.url
+    with pytest.raises(RuntimeError, match="ConnectError"):
+        fetch_session(url, session)
+
+
+def test_fetch_session_without_logprobs_and_with_an_int_id() -> None:
+    with OpenAIServer(StandInClient(token_logprobs=None)).serve_in_thread() as served:
+        assert post(served.url, "/v1/completions", {"prompt": "x", "session_id": 7}).status_code == 200
+        assert get(served.url, SESSIONS + "/7").json()["turns"][0]["logprobs"] is None
+        (turn,) = fetch_session(served.url, 7)
+        assert turn.logprobs is None
+        assert turn == Turn(
+            prompt_ids=np.array([5, 6], np.int64),
+            response_ids=np.array([10, 11, 12], np.int64),
+            logprobs=None,
+            finish_reason="length",
+            weight_versions=(WeightVersionSpan("v1", 0, 2), WeightVersionSpan("v2", 2, 3)),
+            endpoint="completions",
+            index=0,
+            response_id="cmpl-1",
+        )
 
 
 # -- lifetime ------------------------------------------------------------------------------------

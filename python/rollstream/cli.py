@@ -454,8 +454,9 @@ def _parser() -> argparse.ArgumentParser:
         help="an OpenAI-compatible endpoint (/v1/chat/completions, /v1/completions, /v1/models)",
         description="Serve OpenAI's API in front of vLLM engines; a session (the X-Session-ID header "
         "or the body's session_id) stays on one engine. Prints the API root URL on stdout; runs "
-        "until Ctrl-C. (A trainer that needs each turn's token ids runs OpenAIServer in its own "
-        "process and reads them with pop_session.)",
+        "until Ctrl-C. Each turn's token ids, logprobs and weight versions are recorded per "
+        "session: a trainer reads them at GET /rollstream/sessions/<id> and takes them with DELETE "
+        "(rollstream.inference.fetch_session does both).",
     )
     target = sv.add_mutually_exclusive_group(required=True)
     target.add_argument("--engine", action="append", metavar="URL", help="a vLLM server (repeatable)")

@@ -8,13 +8,14 @@
 - :class:`SingleTurnGenerator`, :class:`MultiTurnGenerator`: SkyRL's
   ``GeneratorInterface``; multi-turn is token-in/token-out.
 - :class:`OpenAIServer` (``rollstream serve``): an OpenAI-compatible endpoint
-  in front of the client for agent harnesses, recording every turn's ids.
+  in front of the client for agent harnesses, recording every turn's ids;
+  :func:`fetch_session` reads them from another process.
 """
 
 from ._client import InferenceEngineClient
 from ._generators import Environment, MultiTurnGenerator, SingleTurnGenerator, StepResult, Trajectory
 from ._openai import parse_tool_calls
-from ._server import OpenAIServer, ServerThread, Turn
+from ._server import OpenAIServer, ServerThread, Turn, fetch_session
 from ._types import (
     ConversationType,
     GeneratorInput,
@@ -42,5 +43,6 @@ __all__ = [
     "StepResult",
     "Trajectory",
     "Turn",
+    "fetch_session",
     "parse_tool_calls",
 ]

@@ -23,6 +23,18 @@ used one beyond that (counted in :attr:`OpenAIServer.sessions_evicted`): a
 trainer takes a session's turns with :meth:`OpenAIServer.pop_session` when
 its episode ends.
 
+A trainer in another process (the usual case with ``rollstream serve``) reads
+the record over HTTP, with the same authentication as the API:
+``GET /rollstream/sessions`` lists the recorded sessions
+(``{"object": "list", "data": [ids], "evicted": N}``),
+``GET /rollstream/sessions/<id>`` sends one's turns
+(``{"id", "turns": [{"index", "endpoint", "prompt_ids", "response_ids",
+"logprobs", "finish_reason", "weight_versions": [[version, start, end]],
+"response_id"}]}``, NaN logprobs as null) and ``DELETE`` sends them and
+forgets them, so each turn is taken once. The id is percent-encoded UTF-8 in
+the path; an unknown one is 404 ``session_not_found``.
+:func:`fetch_session` does this and returns :class:`Turn` objects.
+
 The HTTP/1.1 layer is asyncio's streams and nothing else: keep-alive,
 ``Content-Length`` bodies (chunked request bodies are refused with 411),
 a body cap (413), a header cap (431), OpenAI error bodies
@@ -49,6 +61,7 @@ import http
 import ipaddress
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping
@@ -56,7 +69,9 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from types import TracebackType
 from typing import Any, Literal, Protocol
+from urllib.parse import quote, unquote_to_bytes
 
+import httpx
 import numpy as np
 import numpy.typing as npt
 
@@ -70,7 +85,7 @@ from .._exceptions import (
 from .._models import _same
 from ..streams import WeightVersionSpan
 
-__all__ = ["InferenceClient", "OpenAIServer", "ServerThread", "Turn"]
+__all__ = ["InferenceClient", "OpenAIServer", "ServerThread", "Turn", "fetch_session"]
 
 logger = logging.getLogger("rollstream.inference")
 
@@ -82,6 +97,8 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_SESSION_ID_CHARS = 256
 #: Seconds between checks for clients that went away mid-request.
 DISCONNECT_POLL_S = 0.25
+#: Where the record of sessions is served (``/<id>`` for one session).
+SESSIONS_PATH = "/rollstream/sessions"
 
 Endpoint = Literal["chat.completions", "completions"]
 JSONObject = dict[str, Any]
@@ -224,13 +241,16 @@ class _SessionStore:
                         self.max_sessions,
                     )
 
-    def get(self, session: str) -> list[Turn]:
+    def get(self, session: str) -> list[Turn] | None:
+        """The session's turns, None when it has no record."""
         with self._lock:
-            return list(self._turns.get(session, ()))
+            record = self._turns.get(session)
+            return None if record is None else list(record)
 
-    def pop(self, session: str) -> list[Turn]:
+    def pop(self, session: str) -> list[Turn] | None:
+        """As :meth:`get`, forgetting the record."""
         with self._lock:
-            return self._turns.pop(session, [])
+            return self._turns.pop(session, None)
 
     def ids(self) -> list[str]:
         with self._lock:
@@ -420,13 +440,13 @@ class OpenAIServer:
     def session_turns(self, session_id: str | int) -> list[Turn]:
         """The turns recorded for ``session_id`` so far, oldest first ([] for
         a session never seen, popped, or evicted)."""
-        return self._sessions.get(_session_key(session_id))
+        return self._sessions.get(_session_key(session_id)) or []
 
     def pop_session(self, session_id: str | int) -> list[Turn]:
         """The turns of ``session_id``, oldest first, forgetting them ([] as
         for :meth:`session_turns`). Later requests of the session start a
         new record."""
-        return self._sessions.pop(_session_key(session_id))
+        return self._sessions.pop(_session_key(session_id)) or []
 
     def session_ids(self) -> list[str]:
         """The sessions with recorded turns, least recently used first."""
@@ -606,19 +626,44 @@ class OpenAIServer:
         path = request.path
         if path in ("/v1/chat/completions", "/v1/completions"):
             if request.method != "POST":
-                raise _method_not_allowed(request, "POST")
+                raise _method_not_allowed(request, ("POST",))
             endpoint: Endpoint = "chat.completions" if path == "/v1/chat/completions" else "completions"
             return await self._generate(conn, request, endpoint)
         if path == "/v1/models" or path.startswith("/v1/models/"):
             if request.method != "GET":
-                raise _method_not_allowed(request, "GET")
+                raise _method_not_allowed(request, ("GET",))
             return self._models(path[len("/v1/models/") :] if path != "/v1/models" else None)
+        if path == SESSIONS_PATH:
+            if request.method != "GET":
+                raise _method_not_allowed(request, ("GET",))
+            _refuse_body(request)
+            listing = {"object": "list", "data": self._sessions.ids(), "evicted": self._sessions.evicted}
+            return _Response(200, _json_bytes(listing))
+        if path.startswith(SESSIONS_PATH + "/"):
+            if request.method not in ("GET", "DELETE"):
+                raise _method_not_allowed(request, ("GET", "DELETE"))
+            _refuse_body(request)
+            return self._session_record(request.method, _path_session(path[len(SESSIONS_PATH) + 1 :]))
         raise _HTTPError(
             404,
             f"no route {request.method} {path}: this server answers POST /v1/chat/completions, "
-            "POST /v1/completions and GET /v1/models",
+            f"POST /v1/completions, GET /v1/models, GET {SESSIONS_PATH} and GET or DELETE "
+            f"{SESSIONS_PATH}/<id>",
             code="not_found",
         )
+
+    def _session_record(self, method: str, session: str) -> _Response:
+        """A session's turns; a DELETE also forgets them."""
+        turns = self._sessions.pop(session) if method == "DELETE" else self._sessions.get(session)
+        if turns is None:
+            raise _HTTPError(
+                404,
+                f"no session {session!r} is recorded here: never seen, already taken with DELETE, or "
+                f"forgotten because the store was full (max_sessions); GET {SESSIONS_PATH} lists them",
+                param="session_id",
+                code="session_not_found",
+            )
+        return _Response(200, _json_bytes({"id": session, "turns": [_turn_json(t) for t in turns]}))
 
     def _model_card(self) -> JSONObject:
         return {
@@ -721,13 +766,39 @@ def _has_body(request: _Request) -> bool:
     return "transfer-encoding" in request.headers or request.headers.get("content-length", "0") != "0"
 
 
-def _method_not_allowed(request: _Request, allowed: str) -> _HTTPError:
+def _method_not_allowed(request: _Request, allowed: tuple[str, ...]) -> _HTTPError:
     return _HTTPError(
         405,
-        f"{request.method} is not allowed on {request.path}: use {allowed}",
+        f"{request.method} is not allowed on {request.path}: use {' or '.join(allowed)}",
         code="method_not_allowed",
-        headers=(("Allow", allowed),),
+        headers=(("Allow", ", ".join(allowed)),),
     )
+
+
+def _refuse_body(request: _Request) -> None:
+    """The session routes take no body (it was read: the connection stays usable)."""
+    if request.body:
+        raise _HTTPError(
+            400,
+            f"{request.method} {request.path} takes no body, got {len(request.body)} bytes: "
+            "the session id is the path's last part",
+        )
+
+
+def _path_session(raw: str) -> str:
+    """The session id at the end of a session path: percent-encoded UTF-8
+    (the request line was read as latin-1, so raw UTF-8 bytes work too)."""
+    try:
+        session = unquote_to_bytes(raw.encode("latin-1")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _HTTPError(
+            400, f"the session id {raw[:300]!r} is not percent-encoded UTF-8", param="session_id"
+        ) from None
+    if not session:
+        raise _HTTPError(
+            400, f"the session id is empty: use {SESSIONS_PATH}/<percent-encoded id>", param="session_id"
+        )
+    return session
 
 
 def _model_not_found(model: object, served: str) -> _HTTPError:
@@ -838,6 +909,45 @@ def _frozen(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
         raise TypeError(f"expected a flat list, got an array of shape {array.shape}")
     array.flags.writeable = False
     return array
+
+
+def _turn_json(turn: Turn) -> JSONObject:
+    """A turn as the session routes send it. NaN logprobs (the engine sent
+    none) go as null: JSON has no NaN."""
+    logprobs = None
+    if turn.logprobs is not None:
+        logprobs = [None if math.isnan(x) else x for x in turn.logprobs.tolist()]
+    return {
+        "index": turn.index,
+        "endpoint": turn.endpoint,
+        "prompt_ids": turn.prompt_ids.tolist(),
+        "response_ids": turn.response_ids.tolist(),
+        "logprobs": logprobs,
+        "finish_reason": turn.finish_reason,
+        "weight_versions": [[w.version, w.start, w.end] for w in turn.weight_versions],
+        "response_id": turn.response_id,
+    }
+
+
+def _turn_of_json(value: Any) -> Turn:
+    """The :class:`Turn` that :func:`_turn_json` sent (KeyError, TypeError or
+    ValueError when ``value`` is not one)."""
+    endpoint = value["endpoint"]
+    if endpoint not in ("chat.completions", "completions"):
+        raise ValueError(f"endpoint {endpoint!r} is neither 'chat.completions' nor 'completions'")
+    logprobs = value["logprobs"]
+    if logprobs is not None:
+        logprobs = _frozen(np.asarray([math.nan if x is None else x for x in logprobs], dtype=np.float32))
+    return Turn(
+        prompt_ids=_frozen(np.asarray(value["prompt_ids"], dtype=np.int64)),
+        response_ids=_frozen(np.asarray(value["response_ids"], dtype=np.int64)),
+        logprobs=logprobs,
+        finish_reason=value["finish_reason"],
+        weight_versions=tuple(_span(w) for w in value["weight_versions"]),
+        endpoint=endpoint,
+        index=int(value["index"]),
+        response_id=value["response_id"],
+    )
 
 
 def _chunk_base(result: Mapping[str, Any], obj: str) -> JSONObject:
@@ -975,3 +1085,66 @@ class ServerThread:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def fetch_session(
+    url: str,
+    session_id: str | int,
+    *,
+    api_key: str | None = None,
+    pop: bool = True,
+    timeout: float = 30.0,
+) -> list[Turn]:
+    """The turns an :class:`OpenAIServer` (``rollstream serve``) recorded for
+    ``session_id``, oldest first, read from another process.
+
+    ``url`` is the server's base URL or its API root (``.../v1``, what
+    ``rollstream serve`` prints); ``api_key`` the server's, when it has one.
+    ``pop=True`` takes the turns (``DELETE /rollstream/sessions/<id>``): the
+    server forgets them, so each turn reaches the trainer once, and later
+    requests of the session start a new record (a DELETE whose answer is
+    lost on the way has taken them all the same). ``pop=False`` reads them
+    and leaves them (``GET``). ``timeout`` is httpx's: seconds for
+    connecting and for each read and write.
+
+    Raises :class:`LookupError` when the server has no record of the session
+    (never seen, already taken, or evicted by ``max_sessions``), and
+    :class:`RuntimeError` naming the HTTP status, or the transport error, for
+    any other failure.
+    """
+    session = str(session_id)
+    if not session:
+        raise ValueError("session_id is empty: pass the session's X-Session-ID (or body session_id)")
+    base = url.rstrip("/").removesuffix("/v1")
+    # Dots escaped too: clients drop a "." or ".." path segment.
+    target = f"{base}{SESSIONS_PATH}/{quote(session, safe='').replace('.', '%2E')}"
+    method = "DELETE" if pop else "GET"
+    headers = {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
+    try:
+        response = httpx.request(method, target, headers=headers, timeout=timeout)
+    except httpx.HTTPError as e:
+        raise RuntimeError(f"{method} {target} failed: {type(e).__name__}: {e}") from e
+    if response.status_code != 200:
+        message, code = _error_of(response)
+        if response.status_code == 404 and code == "session_not_found":
+            raise LookupError(f"{base}: {message}")
+        raise RuntimeError(f"{method} {target} answered HTTP {response.status_code}: {message}")
+    try:
+        body = response.json()
+        if body["id"] != session:
+            raise ValueError(f"it is the record of session {body['id']!r}")
+        return [_turn_of_json(turn) for turn in body["turns"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise RuntimeError(
+            f"{method} {target} answered HTTP 200 with something other than the session's record: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
+def _error_of(response: httpx.Response) -> tuple[str, str | None]:
+    """The message and code of an error response (OpenAI's shape, else its text)."""
+    try:
+        error = response.json()["error"]
+        return str(error["message"]), error.get("code")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return response.text[:500] or response.reason_phrase, None
