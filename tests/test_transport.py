@@ -87,3 +87,11 @@ def test_stream_client_caps_an_event_that_never_ends(endless_server: str) -> Non
     assert failure.kind == "decode"
     assert failure.truncated is False
     assert "max_event_bytes=1048576" in failure.message
+
+
+@pytest.mark.parametrize("bad", [-0.001, 0.5, float("nan"), float("inf")])
+def test_read_coalesce_out_of_range_is_a_value_error(bad: float) -> None:
+    from rollstream._http import Transport
+
+    with pytest.raises(ValueError, match="read_coalesce"):
+        Transport(read_coalesce=bad)

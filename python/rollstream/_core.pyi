@@ -164,6 +164,7 @@ class StreamClient:
         pool_idle_timeout: float = 90.0,
         *,
         max_event_bytes: int = ...,
+        read_coalesce: float = ...,
     ) -> None: ...
     def submit(
         self,

@@ -9,7 +9,9 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use rollstream_core::aimd::{Aimd, AimdConfig, Signal};
-use rollstream_core::http::{ClientConfig, HttpError, Progress, StreamClient, StreamOutcome, StreamRequest};
+use rollstream_core::http::{
+    ClientConfig, HttpError, Progress, StreamClient, StreamOutcome, StreamRequest, DEFAULT_READ_COALESCE_US,
+};
 use rollstream_core::sse::DEFAULT_MAX_EVENT_BYTES;
 use rollstream_core::vllm::DecodeErrorKind;
 
@@ -248,18 +250,26 @@ impl Drop for PyStreamClient {
 #[pymethods]
 impl PyStreamClient {
     #[new]
-    #[pyo3(signature = (worker_threads=1, connect_timeout=10.0, pool_idle_timeout=90.0, *, max_event_bytes=DEFAULT_MAX_EVENT_BYTES))]
+    #[pyo3(signature = (worker_threads=1, connect_timeout=10.0, pool_idle_timeout=90.0, *, max_event_bytes=DEFAULT_MAX_EVENT_BYTES, read_coalesce=DEFAULT_READ_COALESCE_US as f64 * 1e-6))]
     fn new(
         worker_threads: usize,
         connect_timeout: f64,
         pool_idle_timeout: f64,
         max_event_bytes: usize,
+        read_coalesce: f64,
     ) -> PyResult<Self> {
+        if !(read_coalesce.is_finite() && (0.0..=0.1).contains(&read_coalesce)) {
+            return Err(PyValueError::new_err(format!(
+                "read_coalesce={read_coalesce} must be between 0 and 0.1 seconds"
+            )));
+        }
         let cfg = ClientConfig {
             worker_threads,
             connect_timeout: duration("connect_timeout", connect_timeout)?,
             pool_idle_timeout: duration("pool_idle_timeout", pool_idle_timeout)?,
             max_event_bytes,
+            // In [0, 0.1] s (checked above): the cast cannot wrap.
+            read_coalesce: Duration::from_micros((read_coalesce * 1e6).round() as u64),
             ..ClientConfig::default()
         };
         let client = StreamClient::new(cfg).map_err(|e| PyRuntimeError::new_err(format!("cannot start: {e}")))?;
