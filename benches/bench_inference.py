@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from _openai_ref import openai_stream
 from _timing import ROUNDS, best_of
 
 from rollstream import DeploymentSampler, FixedConcurrencyController
@@ -142,23 +143,7 @@ async def _openai(server: LocalVLLM, conc: int) -> AsyncIterator[Run]:
 
     async def one(i: int) -> int:
         async with sem:
-            ids: list[int] = []
-            lps: list[float] = []
-            stream = await client.completions.create(
-                model=server.served_model_name,
-                prompt=PROMPT,
-                max_tokens=MAX_TOKENS,
-                stream=True,
-                logprobs=0,
-                seed=i,
-                extra_body={"return_token_ids": True, "ignore_eos": True},
-            )
-            async for chunk in stream:
-                for ch in chunk.choices:
-                    ids += getattr(ch, "token_ids", None) or []
-                    if ch.logprobs and ch.logprobs.token_logprobs:
-                        lps += ch.logprobs.token_logprobs
-            return len(ids)
+            return await openai_stream(client, server.served_model_name, PROMPT, MAX_TOKENS, i)
 
     async def run(requests: int) -> int:
         return sum(await asyncio.gather(*(one(i) for i in range(requests))))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _openai_ref import openai_stream
 
 from rollstream import DeploymentSampler, FixedConcurrencyController
 from rollstream.testing import LocalVLLM, tiny_model
@@ -71,23 +72,7 @@ def _openai(server: Any, prompt: list[int] = PROMPT) -> Callable[[int, int], Awa
 
         async def one(i: int) -> int:
             async with sem:
-                ids: list[int] = []
-                lps: list[float] = []
-                stream = await client.completions.create(
-                    model=server.served_model_name,
-                    prompt=prompt,
-                    max_tokens=MAX_TOKENS,
-                    stream=True,
-                    logprobs=0,
-                    seed=i,
-                    extra_body={"return_token_ids": True, "ignore_eos": True},
-                )
-                async for chunk in stream:
-                    for ch in chunk.choices:
-                        ids += getattr(ch, "token_ids", None) or []
-                        if ch.logprobs and ch.logprobs.token_logprobs:
-                            lps += ch.logprobs.token_logprobs
-                return len(ids)
+                return await openai_stream(client, server.served_model_name, prompt, MAX_TOKENS, i)
 
         try:
             return sum(await asyncio.gather(*(one(i) for i in range(requests))))

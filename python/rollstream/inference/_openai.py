@@ -202,37 +202,9 @@ def completion_response(
 
 # -- requests ----------------------------------------------------------------------------------
 
-#: OpenAI request fields the client interprets itself (never sent as-is).
-CHAT_OWN = frozenset(
+#: Request fields the client interprets itself, on both endpoints (never sent as-is).
+_OWN = frozenset(
     {
-        "messages",
-        "model",
-        "n",
-        "stream",
-        "stream_options",
-        "max_tokens",
-        "max_completion_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "stop",
-        "stop_token_ids",
-        "seed",
-        "logprobs",
-        "top_logprobs",
-        "tools",
-        "tool_choice",
-        "parallel_tool_calls",
-        "chat_template_kwargs",
-        "session_id",
-        "user",
-        "sampling_mask",
-    }
-)
-COMPLETION_OWN = frozenset(
-    {
-        "prompt",
         "model",
         "n",
         "stream",
@@ -246,12 +218,21 @@ COMPLETION_OWN = frozenset(
         "stop_token_ids",
         "seed",
         "logprobs",
-        "echo",
         "session_id",
         "user",
         "sampling_mask",
     }
 )
+CHAT_OWN = _OWN | {
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "chat_template_kwargs",
+}
+COMPLETION_OWN = _OWN | {"prompt", "echo"}
 
 
 def request_body(payload: Any) -> dict[str, Any]:
