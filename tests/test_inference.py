@@ -158,3 +158,27 @@ def test_staleness_paces_admissions_and_never_drops_work() -> None:
         return versions
 
     assert asyncio.run(go()) == [0, 0, 0, 0, 1]
+
+
+def test_no_engine_left_is_a_typed_error_not_a_hang() -> None:
+    import socket
+
+    from rollstream import EngineUnavailableError, SamplingRequestError
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    client = InferenceEngineClient([dead], model_name="m", down_timeout=0.5)
+
+    async def go() -> None:
+        try:
+            await asyncio.wait_for(client.sample([1, 2, 3], 1, {"max_tokens": 2}), 60)
+        finally:
+            await client.teardown()
+
+    # A sampling failure (the SDK's type, so `except SamplingRequestError`
+    # keeps working) caused by the typed infrastructure error.
+    with pytest.raises(SamplingRequestError, match="no engine left") as caught:
+        asyncio.run(go())
+    assert isinstance(caught.value.__cause__, EngineUnavailableError)
+    assert [ld.state for ld in client._need_pool().loads()] == ["down"]

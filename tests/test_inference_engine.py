@@ -50,8 +50,15 @@ def tok(tiny_model_dir: Path) -> ChatTokenizer:
 
 
 @pytest.fixture
-def client(deployment_manager: DeploymentManager, deployment: DeploymentInfo, tok: ChatTokenizer) -> Any:
-    return InferenceEngineClient(deployment, tok, "tiny", deployment_manager=deployment_manager)
+def live(deployment_manager: DeploymentManager, deployment: DeploymentInfo) -> DeploymentInfo:
+    """The session deployment as it is now (earlier tests restart replicas:
+    the session fixture's replica URLs may be stale)."""
+    return deployment_manager.wait_for_ready(deployment.deployment_id, timeout_s=900)
+
+
+@pytest.fixture
+def client(deployment_manager: DeploymentManager, live: DeploymentInfo, tok: ChatTokenizer) -> Any:
+    return InferenceEngineClient(live, tok, "tiny", deployment_manager=deployment_manager)
 
 
 def _prompt(tok: ChatTokenizer, extra: int = 0) -> list[int]:
@@ -60,7 +67,7 @@ def _prompt(tok: ChatTokenizer, extra: int = 0) -> list[int]:
 
 
 def test_generate_keeps_input_order_across_both_engines(
-    client: InferenceEngineClient, deployment: DeploymentInfo, tok: ChatTokenizer
+    client: InferenceEngineClient, live: DeploymentInfo, tok: ChatTokenizer
 ) -> None:
     prompts = [tok.encode("count " * (i + 1)) for i in range(8)]
 
@@ -77,7 +84,7 @@ def test_generate_keeps_input_order_across_both_engines(
     assert all(
         len(lp) == len(ids) for lp, ids in zip(out["response_logprobs"], out["response_ids"], strict=True)
     )
-    assert {c.server_url for c in completions} == {r.url for r in deployment.replicas}
+    assert {c.server_url for c in completions} == {r.url for r in live.replicas}
     assert all(c.weight_versions for c in completions), "the generate endpoint reports weight versions"
     with pytest.raises(ValueError, match="exactly one"):
         asyncio.run(client.generate({"prompts": [CHAT], "prompt_token_ids": prompts}))
@@ -195,7 +202,7 @@ def _lp_under(model_dir: Path, full: list[int]) -> np.ndarray:
 def test_weight_update_in_the_middle_of_long_generations(
     mode: str,
     deployment_manager: DeploymentManager,
-    deployment: DeploymentInfo,
+    live: DeploymentInfo,
     tiny_model_dir: Path,
     tok: ChatTokenizer,
     tmp_path: Path,
@@ -206,7 +213,7 @@ def test_weight_update_in_the_middle_of_long_generations(
         policy, deploy_mgr=deployment_manager, deployment_id="tiny", base_model=str(tiny_model_dir)
     )
     client = InferenceEngineClient(
-        deployment,
+        live,
         tok,
         "tiny",
         deployment_manager=deployment_manager,
@@ -318,9 +325,9 @@ def test_multi_turn_rollout_ids_are_the_engines_ids_turn_by_turn(client: Inferen
 
 
 def test_a_client_of_clients_splits_batches_in_order(
-    client: InferenceEngineClient, deployment: DeploymentInfo, tok: ChatTokenizer
+    client: InferenceEngineClient, live: DeploymentInfo, tok: ChatTokenizer
 ) -> None:
-    engines = [InferenceEngineClient(r.url, tok, "tiny") for r in deployment.replicas]
+    engines = [InferenceEngineClient(str(r.url), tok, "tiny") for r in live.replicas]
     assert all(isinstance(e, InferenceEngineInterface) for e in engines)
     outer = InferenceEngineClient(engines, tok)
     prompts = [tok.encode("item " * (i + 1)) for i in range(5)]
@@ -331,10 +338,9 @@ def test_a_client_of_clients_splits_batches_in_order(
 
 
 def test_a_killed_engine_mid_batch_completes_on_the_other(
-    deployment_manager: DeploymentManager, deployment: DeploymentInfo, tok: ChatTokenizer
+    deployment_manager: DeploymentManager, live: DeploymentInfo, tok: ChatTokenizer
 ) -> None:
-    info = deployment_manager.get("tiny")
-    assert info is not None
+    info = live
     urls = [str(r.url) for r in info.replicas]
     # Engine URLs directly: the client's own failover, not the manager's.
     client = InferenceEngineClient(urls, tok, "tiny")

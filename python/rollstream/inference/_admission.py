@@ -11,6 +11,7 @@ import time
 
 import httpx
 
+from .._exceptions import EngineUnavailableError
 from .._pool import Route
 from ..routing import EnginePool
 
@@ -22,16 +23,40 @@ log = logging.getLogger("rollstream.inference")
 class FailoverPool:
     """The sampler's endpoint pool: the router's pool, plus taking an engine
     out of rotation when it stops answering (a transport failure) and back
-    in when its ``/health`` answers again."""
+    in when its ``/health`` answers again.
 
-    def __init__(self, pool: EnginePool, probe_interval: float) -> None:
+    While engines are paused, :meth:`acquire` waits for the resume; when
+    every engine is down it waits ``down_timeout`` seconds for one to come
+    back, then raises :class:`EngineUnavailableError` (None: waits, for
+    deployments whose manager restarts replicas)."""
+
+    def __init__(self, pool: EnginePool, probe_interval: float, down_timeout: float | None) -> None:
         self.pool = pool
         self.probe_interval = probe_interval
+        self.down_timeout = down_timeout
+        #: Set while the client holds admissions: a recovered engine rejoins paused.
+        self.held = False
+        #: The weight version every engine must serve to rejoin (set by weight
+        #: updates through the client): an engine that was down during an
+        #: update stays out rather than serve old weights.
+        self.expected_version: str | None = None
         self._probing: set[str] = set()
         self._lock = threading.Lock()
 
     async def acquire(self, session: str | None) -> Route:
-        return await self.pool.acquire(session)
+        route = self.pool.route_now(session)
+        if route is not None:
+            return route
+        loads = self.pool.loads()
+        if self.down_timeout is None or not loads or any(ld.state != "down" for ld in loads):
+            return await self.pool.acquire(session)
+        try:
+            return await asyncio.wait_for(self.pool.acquire(session), self.down_timeout)
+        except asyncio.TimeoutError:
+            raise EngineUnavailableError(
+                f"no engine left: every engine of {self.pool.name} has been down for "
+                f"{self.down_timeout:g} s ({', '.join(ld.url for ld in loads)})"
+            ) from None
 
     def release(self, route: Route, *, ok: bool) -> None:
         self.pool.release(route, ok=ok)
@@ -55,8 +80,18 @@ class FailoverPool:
                     try:
                         if http.get(url + "/health").status_code == 200:
                             paused = http.get(url + "/is_paused").json().get("is_paused")
+                            served = http.get(url + "/weight_info").json().get("weight_version")
+                            stale = self.expected_version is not None and served != self.expected_version
+                            if stale:
+                                log.warning(
+                                    "engine %s answers again but serves weights %r, not %r: kept out",
+                                    url,
+                                    served,
+                                    self.expected_version,
+                                )
+                                return
                             if not paused:
-                                self.pool.set_state(url, "active")
+                                self.pool.set_state(url, "paused" if self.held else "active")
                                 log.warning("engine %s answers again: back in rotation", url)
                                 return
                     except (httpx.HTTPError, ValueError, AttributeError):

@@ -79,6 +79,11 @@ class InferenceEngineClient(InferenceEngineInterface):
     (default) reports weight versions per token; ``"completions"`` reports
     per-request queue metrics. ``max_staleness`` with
     ``staleness_batch_size`` paces admissions (see :meth:`admit`).
+    An engine that stops answering leaves rotation until its ``/health``
+    answers (probed every ``probe_interval`` s); when every engine is down,
+    requests fail with :class:`~rollstream.EngineUnavailableError` after
+    ``down_timeout`` seconds (a deployment's requests wait for its manager
+    to restart replicas).
     """
 
     def __init__(
@@ -97,6 +102,7 @@ class InferenceEngineClient(InferenceEngineInterface):
         timeout: SamplerTimeouts | float | None = None,
         retry: RetryPolicy | None = None,
         probe_interval: float = 0.5,
+        down_timeout: float | None = 30.0,
         tp_size: int = 1,
         pp_size: int = 1,
     ) -> None:
@@ -140,7 +146,9 @@ class InferenceEngineClient(InferenceEngineInterface):
         )
         self._samplers: dict[str, DeploymentSampler] = {}
         if pool is not None:
-            self._failover = FailoverPool(pool, probe_interval)
+            # A deployment's manager restarts its replicas: wait for them.
+            wait_down = None if self._deployment_id is not None else down_timeout
+            self._failover = FailoverPool(pool, probe_interval, wait_down)
             common: dict[str, Any] = {
                 "api_key": api_key,
                 "tokenizer": self.tokenizer,
@@ -466,7 +474,9 @@ class InferenceEngineClient(InferenceEngineInterface):
             self._paused = True
             return
         pool = self._need_pool()
-        pool.pause()
+        self._failover.held = True
+        # Down engines stay down (their probe brings them back, paused).
+        pool.pause([ld.url for ld in pool.loads() if ld.state == "active"])
         self._paused = True
         try:
             await self._on_all("POST", "/pause", params={"mode": mode})
@@ -489,7 +499,8 @@ class InferenceEngineClient(InferenceEngineInterface):
             await self._on_all("POST", "/resume", tolerate=True)
         finally:
             self._paused = False
-            pool.resume()
+            self._failover.held = False
+            pool.resume([ld.url for ld in pool.loads() if ld.state == "paused"])
 
     async def abort_generation(self) -> None:
         """Abort what every engine is running and queueing (``/pause?mode=abort``
@@ -593,7 +604,7 @@ class InferenceEngineClient(InferenceEngineInterface):
 
             await self.pause_generation(mode)
             try:
-                urls = self.engine_urls
+                urls = [ld.url for ld in self._need_pool().loads() if ld.state != "down"]
                 outs = await asyncio.gather(
                     *(
                         asyncio.to_thread(
@@ -613,6 +624,7 @@ class InferenceEngineClient(InferenceEngineInterface):
                     stage=getattr(failed[0][1], "stage", None),
                 )
             report = {"version": version, "engines": dict(zip(urls, outs, strict=True))}
+            self._failover.expected_version = version
         self._version_counter += 1
         if self._staleness is not None:
             await self._staleness.advance(self._version_counter)
@@ -627,10 +639,11 @@ class InferenceEngineClient(InferenceEngineInterface):
         params: Mapping[str, str] | None = None,
         tolerate: bool = False,
     ) -> dict[str, Any]:
-        """One control call on every engine, concurrently; a failure names
-        the engine (``tolerate``: failures are logged, not raised)."""
+        """One control call on every engine in rotation (not those taken
+        out as down), concurrently; a failure names the engine
+        (``tolerate``: failures are logged, not raised)."""
         headers = {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        urls = self.engine_urls
+        urls = [ld.url for ld in self._need_pool().loads() if ld.state != "down"]
 
         async def one(http: httpx.AsyncClient, url: str) -> Any:
             r = await http.request(method, url + path, params=params, headers=headers)
