@@ -962,22 +962,23 @@ def _chunk_base(result: Mapping[str, Any], obj: str) -> JSONObject:
     return base
 
 
-def _chat_chunks(result: Mapping[str, Any], include_usage: bool) -> Iterator[JSONObject]:
-    """``chat.completion.chunk`` objects equivalent to a whole ``chat.completion``."""
-    base = _chunk_base(result, "chat.completion.chunk")
+def _chunks(
+    result: Mapping[str, Any],
+    obj: str,
+    include_usage: bool,
+    content: Callable[[Mapping[str, Any]], JSONObject],
+    empty: JSONObject,
+) -> Iterator[JSONObject]:
+    """Chunks equivalent to a whole response: per choice, one with its
+    ``content`` (and token ids), then one with its finish reason (``empty``
+    content), then the usage when asked."""
+    base = _chunk_base(result, obj)
     if include_usage:
         base["usage"] = None
     for position, choice in enumerate(result["choices"]):
-        message = choice.get("message") or {}
-        delta: JSONObject = {"role": message.get("role") or "assistant", "content": message.get("content")}
-        for key, value in message.items():
-            if key not in ("role", "content", "tool_calls") and value is not None:
-                delta[key] = value
-        if message.get("tool_calls"):
-            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
         first = {
             "index": choice.get("index", position),
-            "delta": delta,
+            **content(choice),
             "logprobs": choice.get("logprobs"),
             "finish_reason": None,
         }
@@ -990,43 +991,36 @@ def _chat_chunks(result: Mapping[str, Any], include_usage: bool) -> Iterator[JSO
     for position, choice in enumerate(result["choices"]):
         last = {
             "index": choice.get("index", position),
-            "delta": {},
+            **empty,
             "logprobs": None,
             "finish_reason": choice.get("finish_reason"),
         }
         yield {**base, "choices": [last]}
     if include_usage:
         yield {**base, "choices": [], "usage": result.get("usage")}
+
+
+def _chat_delta(choice: Mapping[str, Any]) -> JSONObject:
+    message = choice.get("message") or {}
+    delta: JSONObject = {"role": message.get("role") or "assistant", "content": message.get("content")}
+    for key, value in message.items():
+        if key not in ("role", "content", "tool_calls") and value is not None:
+            delta[key] = value
+    if message.get("tool_calls"):
+        delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+    return {"delta": delta}
+
+
+def _chat_chunks(result: Mapping[str, Any], include_usage: bool) -> Iterator[JSONObject]:
+    """``chat.completion.chunk`` objects equivalent to a whole ``chat.completion``."""
+    return _chunks(result, "chat.completion.chunk", include_usage, _chat_delta, {"delta": {}})
 
 
 def _completion_chunks(result: Mapping[str, Any], include_usage: bool) -> Iterator[JSONObject]:
     """``text_completion`` chunks equivalent to a whole ``text_completion``."""
-    base = _chunk_base(result, "text_completion")
-    if include_usage:
-        base["usage"] = None
-    for position, choice in enumerate(result["choices"]):
-        first = {
-            "index": choice.get("index", position),
-            "text": choice.get("text", ""),
-            "logprobs": choice.get("logprobs"),
-            "finish_reason": None,
-        }
-        if "token_ids" in choice:
-            first["token_ids"] = choice["token_ids"]
-        chunk = {**base, "choices": [first]}
-        if position == 0 and "prompt_token_ids" in result:
-            chunk["prompt_token_ids"] = result["prompt_token_ids"]
-        yield chunk
-    for position, choice in enumerate(result["choices"]):
-        last = {
-            "index": choice.get("index", position),
-            "text": "",
-            "logprobs": None,
-            "finish_reason": choice.get("finish_reason"),
-        }
-        yield {**base, "choices": [last]}
-    if include_usage:
-        yield {**base, "choices": [], "usage": result.get("usage")}
+    return _chunks(
+        result, "text_completion", include_usage, lambda c: {"text": c.get("text", "")}, {"text": ""}
+    )
 
 
 class ServerThread:
