@@ -165,6 +165,20 @@ def test_chat_completion_is_openai_shaped_with_the_engines_ids(client: Inference
     client.finish_session("chat-1")
 
 
+def test_outputs_carry_sampling_masks_when_asked(client: InferenceEngineClient, tok: ChatTokenizer) -> None:
+    prompt = _prompt(tok)
+    params = {"max_tokens": 6, "top_k": 5, "logprobs": 0, "sampling_mask": True, "seed": 2}
+    out = asyncio.run(client.generate({"prompt_token_ids": [prompt, prompt], "sampling_params": params}))
+    assert out["sampling_masks"] is not None
+    for mask, ids in zip(out["sampling_masks"], out["response_ids"], strict=True):
+        assert mask is not None
+        assert mask.rows == len(ids)
+        assert mask.contains(np.asarray(ids)).all()
+        assert (np.diff(mask.offsets) <= 5).all(), "top-k=5 keeps at most 5 tokens per position"
+    plain = asyncio.run(client.generate({"prompt_token_ids": [prompt], "sampling_params": {"max_tokens": 2}}))
+    assert plain["sampling_masks"] == [None]
+
+
 def test_pause_holds_admissions_and_resume_releases_them(
     client: InferenceEngineClient, tok: ChatTokenizer
 ) -> None:
