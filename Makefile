@@ -56,7 +56,7 @@ bench-rust:
 	$(CARGO) bench -p rollstream-core
 
 bench-python: setup
-	$(PY) -m pytest benches -p no:cacheprovider
+	$(PY) -m pytest benches -p no:cacheprovider -o python_files="bench_*.py"
 
 clean:
 	rm -rf target .pytest_cache .mypy_cache .ruff_cache

@@ -12,24 +12,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from _openai_ref import openai_stream
 
 from rollstream import DeploymentSampler, FixedConcurrencyController
-from rollstream.testing import LocalVLLM, tiny_model
-from rollstream.testing.pytest_plugin import require_engine
+from rollstream.testing import LocalVLLM
 
 PROMPT = [151644, 872, 198, 9707, 0, 2585, 525, 498, 3351, 30, 151645, 198, 151644, 77091, 198]
 MAX_TOKENS = 64
 CONCURRENCY = [1, 8, 32, 64]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    require_engine()
-    model = tiny_model(tmp_path_factory.mktemp("bench-model"))
-    with LocalVLLM(model, max_num_seqs=128, log_path=tmp_path_factory.mktemp("log") / "vllm.log") as s:
-        yield s
 
 
 def _measure(

@@ -160,7 +160,7 @@ class InferenceEngineClient(InferenceEngineInterface):
                 "pool": self._failover,
             }
             self._sampler = DeploymentSampler(
-                pool.urls[0] if pool.urls else "http://unused", self.model_name, endpoint=endpoint, **common
+                self._sampler_label(), self.model_name, endpoint=endpoint, **common
             )
             self._samplers[endpoint] = self._sampler
             self._common = common
@@ -227,12 +227,18 @@ class InferenceEngineClient(InferenceEngineInterface):
     @property
     def metrics(self) -> Any:
         """The sampler's counters (requests, samples, retries, continued tokens...)."""
+        self._need_pool()
         return self._sampler.metrics
+
+    def _sampler_label(self) -> str:
+        # The samplers route through the pool; their URL only names them in reprs.
+        urls = self._need_pool().urls
+        return urls[0] if urls else "http://engines.invalid"
 
     def _sampler_for(self, endpoint: Literal["generate", "completions"]) -> DeploymentSampler:
         s = self._samplers.get(endpoint)
         if s is None:
-            s = DeploymentSampler("http://unused", self.model_name, endpoint=endpoint, **self._common)
+            s = DeploymentSampler(self._sampler_label(), self.model_name, endpoint=endpoint, **self._common)
             self._samplers[endpoint] = s
         return s
 

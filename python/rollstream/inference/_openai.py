@@ -92,6 +92,24 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def _envelope(
+    prefix: str, obj: str, model: str, choices: list[dict[str, Any]], usage: dict[str, int], prompt_ids: Any
+) -> dict[str, Any]:
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage,
+        "prompt_token_ids": prompt_ids,
+    }
+
+
+def _lp_entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
 def chat_response(
     model: str,
     prompt: list[int],
@@ -118,29 +136,15 @@ def chat_response(
             for t, (tid, lp) in enumerate(
                 zip(c.completion_ids.tolist(), c.completion_logprobs.tolist(), strict=True)
             ):
-                tok = token_text([tid])
-                entry: dict[str, Any] = {"token": tok, "logprob": lp, "bytes": list(tok.encode())}
-                entry["top_logprobs"] = (
-                    [
-                        {"token": token_text([a]), "logprob": b, "bytes": list(token_text([a]).encode())}
-                        for a, b in rows[t]
-                    ]
-                    if rows is not None
-                    else []
-                )
+                entry = _lp_entry(token_text([tid]), lp)
+                top = rows[t] if rows is not None else []
+                entry["top_logprobs"] = [_lp_entry(token_text([a]), b) for a, b in top]
                 content_lp.append(entry)
             choice["logprobs"] = {"content": content_lp}
         choice.update(_rollstream_fields(c))
         choices.append(choice)
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": _usage(len(prompt), sum(c.completion_len for c in completions)),
-        "prompt_token_ids": list(prompt),
-    }
+    usage = _usage(len(prompt), sum(c.completion_len for c in completions))
+    return _envelope("chatcmpl", "chat.completion", model, choices, usage, list(prompt))
 
 
 def completion_response(
@@ -189,15 +193,9 @@ def completion_response(
             choice["prompt_token_ids"] = list(prompt)
             choices.append(choice)
             index += 1
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": _usage(prompt_tokens, completion_tokens),
-        "prompt_token_ids": list(prompts[0]) if len(prompts) == 1 else [list(p) for p in prompts],
-    }
+    prompt_ids = list(prompts[0]) if len(prompts) == 1 else [list(p) for p in prompts]
+    usage = _usage(prompt_tokens, completion_tokens)
+    return _envelope("cmpl", "text_completion", model, choices, usage, prompt_ids)
 
 
 # -- requests ----------------------------------------------------------------------------------

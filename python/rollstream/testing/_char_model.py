@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ._model import write_model_dir
+from ._model import qwen3_config, qwen3_weights, write_model_dir
 
 __all__ = ["CHAR_TEMPLATE", "CharModelSpec", "char_model"]
 
@@ -105,67 +105,21 @@ def _tokenizer_config() -> dict[str, Any]:
 
 
 def _config() -> dict[str, Any]:
-    s = CharModelSpec
-    return {
-        "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
-        "vocab_size": s.vocab_size,
-        "hidden_size": s.hidden_size,
-        "intermediate_size": s.intermediate_size,
-        "num_hidden_layers": s.num_hidden_layers,
-        "num_attention_heads": s.num_attention_heads,
-        "num_key_value_heads": s.num_key_value_heads,
-        "head_dim": s.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": s.max_position_embeddings,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-        "rope_scaling": None,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": s.num_hidden_layers,
-        "tie_word_embeddings": True,
-        "torch_dtype": "float32",
-        "bos_token_id": 0,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-        "initializer_range": s.init_std,
-        "use_cache": True,
-        "transformers_version": "4.51.0",
-    }
+    return qwen3_config(
+        CharModelSpec,
+        rope_theta=10000.0,
+        initializer_range=CharModelSpec.init_std,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
 
 
 def _weights(seed: int) -> dict[str, np.ndarray]:
     s = CharModelSpec
-    rng = np.random.default_rng(seed)
-
-    def normal(shape: tuple[int, ...], std: float) -> np.ndarray:
-        out: np.ndarray = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
-        return out.astype(np.float32)
-
-    def ones(n: int) -> np.ndarray:
-        return np.ones(n, np.float32)
-
-    h, d = s.hidden_size, s.head_dim
-    q_out, kv_out = s.num_attention_heads * d, s.num_key_value_heads * d
-    w: dict[str, np.ndarray] = {"model.embed_tokens.weight": normal((s.vocab_size, h), s.embedding_std)}
-    for i in range(s.num_hidden_layers):
-        p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = ones(h)
-        w[p + "post_attention_layernorm.weight"] = ones(h)
-        w[p + "self_attn.q_proj.weight"] = normal((q_out, h), s.init_std)
-        w[p + "self_attn.k_proj.weight"] = normal((kv_out, h), s.init_std)
-        w[p + "self_attn.v_proj.weight"] = normal((kv_out, h), s.init_std)
-        w[p + "self_attn.o_proj.weight"] = normal((h, q_out), s.init_std)
-        w[p + "self_attn.q_norm.weight"] = ones(d)
-        w[p + "self_attn.k_norm.weight"] = ones(d)
-        w[p + "mlp.gate_proj.weight"] = normal((s.intermediate_size, h), s.init_std)
-        w[p + "mlp.up_proj.weight"] = normal((s.intermediate_size, h), s.init_std)
-        w[p + "mlp.down_proj.weight"] = normal((h, s.intermediate_size), s.init_std)
-    w["model.norm.weight"] = ones(h)
-    return w
+    return qwen3_weights(
+        s, seed, embedding_std=s.embedding_std, std=lambda fan_in: s.init_std, norm_jitter=0.0
+    )
 
 
 def char_model(path: str | os.PathLike[str], seed: int = 0) -> Path:

@@ -197,41 +197,46 @@ def tokenizer_json(ranks: dict[bytes, int] | None = None) -> dict[str, Any]:
     }
 
 
-def _weights(seed: int) -> dict[str, np.ndarray]:
-    s = TinyModelSpec
+def qwen3_weights(
+    s: Any, seed: int, *, embedding_std: float, std: Callable[[int], float], norm_jitter: float
+) -> dict[str, np.ndarray]:
+    """Random float32 weights of a tied Qwen3 model with ``s``'s shapes.
+    ``std(fan_in)`` scales each projection; norms are 1, or ``1 + N(0,
+    norm_jitter)`` when ``norm_jitter`` > 0. Deterministic by ``seed``."""
     rng = np.random.default_rng(seed)
 
-    def normal(shape: tuple[int, ...], std: float) -> np.ndarray:
-        out: np.ndarray = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+    def normal(shape: tuple[int, ...], sd: float) -> np.ndarray:
+        out: np.ndarray = rng.standard_normal(shape, dtype=np.float32) * np.float32(sd)
         return out.astype(np.float32)
 
     def norm_weight(n: int) -> np.ndarray:
-        return (1.0 + normal((n,), 0.1)).astype(np.float32)
+        if norm_jitter <= 0:
+            return np.ones(n, np.float32)
+        return (1.0 + normal((n,), norm_jitter)).astype(np.float32)
 
-    h, d = s.hidden_size, s.head_dim
+    h, d, m = s.hidden_size, s.head_dim, s.intermediate_size
     q_out, kv_out = s.num_attention_heads * d, s.num_key_value_heads * d
-    # Embedding std 0.2 gives logits of std ~2 through the tied head: peaked
-    # enough that top-k/top-p truncation is visible, spread enough to sample.
-    w: dict[str, np.ndarray] = {"model.embed_tokens.weight": normal((s.vocab_size, h), 0.2)}
+    w: dict[str, np.ndarray] = {"model.embed_tokens.weight": normal((s.vocab_size, h), embedding_std)}
     for i in range(s.num_hidden_layers):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = norm_weight(h)
         w[p + "post_attention_layernorm.weight"] = norm_weight(h)
-        w[p + "self_attn.q_proj.weight"] = normal((q_out, h), h**-0.5)
-        w[p + "self_attn.k_proj.weight"] = normal((kv_out, h), h**-0.5)
-        w[p + "self_attn.v_proj.weight"] = normal((kv_out, h), h**-0.5)
-        w[p + "self_attn.o_proj.weight"] = normal((h, q_out), q_out**-0.5)
+        w[p + "self_attn.q_proj.weight"] = normal((q_out, h), std(h))
+        w[p + "self_attn.k_proj.weight"] = normal((kv_out, h), std(h))
+        w[p + "self_attn.v_proj.weight"] = normal((kv_out, h), std(h))
+        w[p + "self_attn.o_proj.weight"] = normal((h, q_out), std(q_out))
         w[p + "self_attn.q_norm.weight"] = norm_weight(d)
         w[p + "self_attn.k_norm.weight"] = norm_weight(d)
-        w[p + "mlp.gate_proj.weight"] = normal((s.intermediate_size, h), h**-0.5)
-        w[p + "mlp.up_proj.weight"] = normal((s.intermediate_size, h), h**-0.5)
-        w[p + "mlp.down_proj.weight"] = normal((h, s.intermediate_size), s.intermediate_size**-0.5)
+        w[p + "mlp.gate_proj.weight"] = normal((m, h), std(h))
+        w[p + "mlp.up_proj.weight"] = normal((m, h), std(h))
+        w[p + "mlp.down_proj.weight"] = normal((h, m), std(m))
     w["model.norm.weight"] = norm_weight(h)
     return w
 
 
-def _config() -> dict[str, Any]:
-    s = TinyModelSpec
+def qwen3_config(s: Any, *, rope_theta: float, initializer_range: float, **token_ids: int) -> dict[str, Any]:
+    """``config.json`` of a tied float32 Qwen3 model with ``s``'s shapes;
+    ``token_ids``: ``bos_token_id``, ``eos_token_id``, ``pad_token_id``..."""
     return {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
@@ -245,7 +250,7 @@ def _config() -> dict[str, Any]:
         "hidden_act": "silu",
         "max_position_embeddings": s.max_position_embeddings,
         "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
+        "rope_theta": rope_theta,
         "rope_scaling": None,
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -254,14 +259,27 @@ def _config() -> dict[str, Any]:
         "max_window_layers": s.num_hidden_layers,
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
-        "initializer_range": 0.02,
+        **token_ids,
+        "initializer_range": initializer_range,
         "use_cache": True,
         # Like real Qwen3 checkpoints; without a version stamp transformers 5
         # suspects a Mistral tokenizer and warns.
         "transformers_version": "4.51.0",
     }
+
+
+def _weights(seed: int) -> dict[str, np.ndarray]:
+    # Embedding std 0.2 gives logits of std ~2 through the tied head: peaked
+    # enough that top-k/top-p truncation is visible, spread enough to sample.
+    return qwen3_weights(
+        TinyModelSpec, seed, embedding_std=0.2, std=lambda fan_in: fan_in**-0.5, norm_jitter=0.1
+    )
+
+
+def _config() -> dict[str, Any]:
+    return qwen3_config(
+        TinyModelSpec, rope_theta=1000000.0, initializer_range=0.02, bos_token_id=151643, eos_token_id=151645
+    )
 
 
 def _tokenizer_config() -> dict[str, Any]:
