@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ._model import qwen3_config, qwen3_weights, write_model_dir
+from ._model import added_token, qwen3_config, qwen3_weights, write_model_dir
 
 __all__ = ["CHAR_TEMPLATE", "CharModelSpec", "char_model"]
 
@@ -82,17 +82,7 @@ def _tokenizer() -> dict[str, Any]:
 
 def _tokenizer_config() -> dict[str, Any]:
     return {
-        "added_tokens_decoder": {
-            str(i): {
-                "content": tok,
-                "lstrip": False,
-                "normalized": False,
-                "rstrip": False,
-                "single_word": False,
-                "special": True,
-            }
-            for i, tok in enumerate(SPECIALS)
-        },
+        "added_tokens_decoder": {str(i): added_token(tok, True) for i, tok in enumerate(SPECIALS)},
         "bos_token": None,
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",

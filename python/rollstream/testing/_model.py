@@ -282,20 +282,24 @@ def _config() -> dict[str, Any]:
     )
 
 
+def added_token(content: str, special: bool) -> dict[str, Any]:
+    """A ``tokenizer_config.json`` ``added_tokens_decoder`` entry."""
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": special,
+    }
+
+
 def _tokenizer_config() -> dict[str, Any]:
     return {
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": {
-            str(i): {
-                "content": tok,
-                "lstrip": False,
-                "normalized": False,
-                "rstrip": False,
-                "single_word": False,
-                "special": special,
-            }
-            for i, (tok, special) in sorted(QWEN3_ADDED_TOKENS.items())
+            str(i): added_token(tok, special) for i, (tok, special) in sorted(QWEN3_ADDED_TOKENS.items())
         },
         "bos_token": None,
         "eos_token": "<|im_end|>",
